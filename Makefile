@@ -1,0 +1,57 @@
+# Mambacast: every target sets itself up from nothing (a virtualenv in .venv) before it runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch is pinned and installed first: an open range would pull a CUDA build (GBs) on a CPU box.
+PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
+
+DATA_DIR ?= $(CURDIR)/data
+PORT ?= 3000
+DEMO_RANGE ?= 2015-01-01...2024-12-31
+export MAMBACAST_DATA_DIR := $(abspath $(DATA_DIR))
+export DAGSTER_HOME := $(MAMBACAST_DATA_DIR)/dagster_home
+# A single-run backfill records one "planned" event per asset instead of one per partition.
+export DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS := true
+
+.PHONY: setup instance demo test ui lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install -c constraints.txt torch==2.13.0
+	$(PIP) install -c constraints.txt -e '.[dev]'
+	touch $@
+
+instance: $(DAGSTER_HOME)/dagster.yaml
+
+$(DAGSTER_HOME)/dagster.yaml: pipelines/dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp $< $@
+
+## demo: set up, materialize every asset over ten years of the synthetic market, print results
+demo: setup instance
+	$(BIN)/dagster asset materialize -m pipelines.definitions --select '*' \
+		--partition-range $(DEMO_RANGE)
+	$(BIN)/python -m pipelines.report
+
+## test: set up, then the whole test suite
+test: setup
+	$(BIN)/python -m pytest -n 2
+
+## ui: the Dagster UI (and daemon, for schedules) on http://127.0.0.1:$(PORT)
+ui: setup instance
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: setup instance
+	$(BIN)/python benchmarks/pipeline.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

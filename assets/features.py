@@ -1,0 +1,116 @@
+"""Features and labels as Parquet, recomputed over the whole history after each ingest.
+
+Recomputing is cheap (polars over the full table) and avoids stale labels: the label of a row
+changes as the bars after it arrive.
+"""
+
+import dagster as dg
+
+from assets.ingest import macro_series, ohlcv_bars, onchain_metrics
+from assets.metadata import frame_summary, table_md
+from ml.features import FeatureConfig, compute_features, model_feature_columns
+from ml.labels import DIRECTION_CLASSES, LabelConfig, compute_labels, label_columns
+from pipelines.partitions import SINGLE_RUN
+from pipelines.resources import WarehouseResource
+
+
+class LabelsConfig(dg.Config):
+    up_threshold: float = 0.05
+    down_threshold: float = -0.05
+
+    def to_ml(self) -> LabelConfig:
+        return LabelConfig(up_threshold=self.up_threshold, down_threshold=self.down_threshold)
+
+
+def _require_rows(table: str, n: int) -> None:
+    if n == 0:
+        raise dg.Failure(
+            f"Raw table {table!r} is empty: materialize the ingest assets first "
+            "(e.g. `make demo`, or `dagster asset materialize --select 'group:ingest' "
+            "--partition-range ...`)."
+        )
+
+
+@dg.asset(
+    deps=[ohlcv_bars, onchain_metrics, macro_series],
+    group_name="features",
+    kinds={"polars", "parquet"},
+    code_version="1",
+    backfill_policy=SINGLE_RUN,
+    description="Leak-free features per (symbol, ts): returns, EMA, RSI, MACD, realized "
+    "volatility, cyclical time, macro as of publication, on-chain ratios.",
+)
+def features(
+    context: dg.AssetExecutionContext, warehouse: WarehouseResource
+) -> dg.MaterializeResult:
+    cfg = FeatureConfig()
+    store, lake = warehouse.warehouse(), warehouse.lake()
+    ohlcv = store.read("ohlcv")
+    _require_rows("ohlcv", ohlcv.height)
+    frame = compute_features(ohlcv, store.read("onchain"), store.read("macro"), cfg)
+    files = lake.write_snapshot("features", frame, time_column="ts")
+    version = cfg.version()
+    lake.write_meta("features", {"version": version, "model_columns": model_feature_columns(cfg)})
+    store.refresh_lake_views(lake.root, ["features"])
+    context.log.info(f"features: {frame.height} rows x {frame.width} columns in {len(files)} files")
+    return dg.MaterializeResult(
+        metadata={
+            **frame_summary(frame),
+            "feature_version": version,
+            "path": dg.MetadataValue.path(str(lake.table_dir("features"))),
+            "files": len(files),
+            "model_columns": dg.MetadataValue.json(model_feature_columns(cfg)),
+            "preview": table_md(
+                frame.select(["symbol", "ts", *model_feature_columns(cfg)[:8]]).tail(5)
+            ),
+        }
+    )
+
+
+@dg.asset(
+    deps=[ohlcv_bars],
+    group_name="features",
+    kinds={"polars", "parquet"},
+    code_version="1",
+    backfill_policy=SINGLE_RUN,
+    description="Forward labels per (symbol, ts): log returns over 1/5/10/30/90 bars, "
+    "3-class 90-bar direction, forward 30-bar realized volatility. The last h "
+    "rows of each label are null.",
+)
+def labels(
+    context: dg.AssetExecutionContext, config: LabelsConfig, warehouse: WarehouseResource
+) -> dg.MaterializeResult:
+    cfg = config.to_ml()
+    store, lake = warehouse.warehouse(), warehouse.lake()
+    ohlcv = store.read("ohlcv")
+    _require_rows("ohlcv", ohlcv.height)
+    frame = compute_labels(ohlcv, cfg)
+    files = lake.write_snapshot("labels", frame, time_column="ts")
+    version = cfg.version()
+    lake.write_meta(
+        "labels", {"version": version, "config": cfg.__dict__, "columns": label_columns(cfg)}
+    )
+    store.refresh_lake_views(lake.root, ["labels"])
+    direction = f"direction_{cfg.direction_horizon}"
+    counts = frame[direction].drop_nulls().value_counts().sort(direction)
+    balance = {DIRECTION_CLASSES[int(k)]: int(v) for k, v in counts.iter_rows()}
+    context.log.info(f"labels: {frame.height} rows, {direction} class counts {balance}")
+    return dg.MaterializeResult(
+        metadata={
+            **frame_summary(frame),
+            "label_version": version,
+            "path": dg.MetadataValue.path(str(lake.table_dir("labels"))),
+            "files": len(files),
+            "direction_class_counts": dg.MetadataValue.json(balance),
+            "null_counts": dg.MetadataValue.json(
+                {
+                    c: int(n)
+                    for c, n in frame.select(label_columns(cfg))
+                    .null_count()
+                    .row(0, named=True)
+                    .items()
+                }
+            ),
+            "preview": table_md(frame.drop_nulls().tail(5)),
+        }
+    )

@@ -1,0 +1,34 @@
+"""Metadata helpers: what a person wants to see on a materialization in the UI."""
+
+import base64
+import io
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+
+def table_md(df: pl.DataFrame, rows: int = 10, floatfmt: str = ".4g") -> dg.MetadataValue:
+    """A markdown table of the first `rows` rows."""
+    return dg.MetadataValue.md(
+        df.head(rows).to_pandas().to_markdown(index=False, floatfmt=floatfmt)
+    )
+
+
+def png_md(fig: Any, alt: str) -> dg.MetadataValue:
+    """Embed a matplotlib figure as a PNG in markdown metadata."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return dg.MetadataValue.md(
+        f"![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+    )
+
+
+def frame_summary(df: pl.DataFrame, time_col: str = "ts") -> dict[str, dg.MetadataValue]:
+    first, last = (df[time_col].min(), df[time_col].max()) if df.height else (None, None)
+    return {
+        "dagster/row_count": dg.MetadataValue.int(df.height),
+        "columns": dg.MetadataValue.int(df.width),
+        "first": dg.MetadataValue.text(str(first)),
+        "last": dg.MetadataValue.text(str(last)),
+    }

@@ -1,0 +1,93 @@
+"""Forward-looking labels. Each label at t uses bars t+1..t+h only; the last h rows are null."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import polars as pl
+
+LABELS_CODE_VERSION = "1"
+DOWN, FLAT, UP = 0, 1, 2
+DIRECTION_CLASSES = ("down", "flat", "up")
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    horizons: tuple[int, ...] = (1, 5, 10, 30, 90)  # bars
+    direction_horizon: int = 90
+    up_threshold: float = 0.05  # simple return over the horizon
+    down_threshold: float = -0.05
+    vol_window: int = 30
+
+    def __post_init__(self) -> None:
+        if not self.down_threshold < 0 < self.up_threshold:
+            raise ValueError(
+                f"Direction thresholds must satisfy down < 0 < up; got "
+                f"down={self.down_threshold}, up={self.up_threshold}"
+            )
+        if self.direction_horizon not in self.horizons:
+            raise ValueError(
+                f"direction_horizon {self.direction_horizon} must be one of the "
+                f"label horizons {self.horizons}"
+            )
+
+    @property
+    def max_horizon(self) -> int:
+        return max(*self.horizons, self.vol_window)
+
+    def version(self) -> str:
+        from warehouse.artifacts import content_version
+
+        return content_version("labels", LABELS_CODE_VERSION, asdict(self))
+
+
+def label_columns(cfg: LabelConfig) -> list[str]:
+    return [f"fwd_ret_{h}" for h in cfg.horizons] + [
+        f"direction_{cfg.direction_horizon}",
+        f"fwd_vol_{cfg.vol_window}",
+    ]
+
+
+def direction_from_log_return(r: pl.Expr, cfg: LabelConfig) -> pl.Expr:
+    """0 = down, 1 = flat, 2 = up, from a log return and the simple-return thresholds."""
+    return (
+        pl.when(r.is_null())
+        .then(None)
+        .when(r > math.log1p(cfg.up_threshold))
+        .then(UP)
+        .when(r < math.log1p(cfg.down_threshold))
+        .then(DOWN)
+        .otherwise(FLAT)
+        .cast(pl.Int8)
+    )
+
+
+def compute_labels(ohlcv: pl.DataFrame, cfg: LabelConfig = LabelConfig()) -> pl.DataFrame:
+    """Labels per (symbol, ts), plus `label_end_ts`: the last bar any label of the row looks at."""
+    by = "symbol"
+    lc = pl.col("close").log()
+    h_dir = cfg.direction_horizon
+    one_bar = (lc.shift(-1) - lc).over(by)
+    return (
+        ohlcv.lazy()
+        .sort(["symbol", "ts"])
+        .with_columns(
+            [(lc.shift(-h) - lc).over(by).alias(f"fwd_ret_{h}") for h in cfg.horizons]
+            + [
+                one_bar.alias("_next_ret"),
+                pl.col("ts").shift(-cfg.max_horizon).over(by).alias("label_end_ts"),
+            ]
+        )
+        .with_columns(
+            direction_from_log_return(pl.col(f"fwd_ret_{h_dir}"), cfg).alias(f"direction_{h_dir}"),
+            # std of the next `vol_window` one-bar returns: bars t+1 .. t+vol_window
+            pl.col("_next_ret")
+            .rolling_std(cfg.vol_window)
+            .shift(-(cfg.vol_window - 1))
+            .over(by)
+            .alias(f"fwd_vol_{cfg.vol_window}"),
+        )
+        .select(["symbol", "ts", *label_columns(cfg), "label_end_ts"])
+        .collect()
+    )

@@ -1,0 +1,1 @@
+"""Wiring only: the Definitions, jobs, schedules, partitions and resources."""

@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+from warehouse import ArtifactStore
+from warehouse.artifacts import ArtifactError, content_version
+
+
+def _writer(text):
+    def write(folder):
+        (folder / "weights.txt").write_text(text)
+    return write
+
+
+def test_versions_are_immutable_listable_and_loadable(paths):
+    store = ArtifactStore(paths.artifacts)
+    v1 = content_version("cfg", 1)
+    a = store.write("model", "holdout", v1, _writer("one"), {"note": "first"})
+    b = store.write("model", "holdout", v1, _writer("CHANGED"), {"note": "second"})
+    assert a.created and not b.created
+    assert b.file("weights.txt").read_text() == "one"
+    v2 = content_version("cfg", 2)
+    store.write("model", "holdout", v2, _writer("two"), {})
+    assert [m["version"] for m in store.list("model", "holdout")] == [v1, v2]
+    assert store.latest("model", "holdout").version == v2
+    assert store.get("model", "holdout", v1).manifest["metadata"] == {"note": "first"}
+    # writing an existing version again makes it the latest, without rewriting it
+    store.write("model", "holdout", v1, _writer("x"), {})
+    assert store.latest("model", "holdout").version == v1
+
+
+def test_manifest_checksums_detect_tampering(paths):
+    store = ArtifactStore(paths.artifacts)
+    art = store.write("backtest", "holdout", "v1", _writer("data"), {})
+    manifest = json.loads((art.path / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"weights.txt"}
+    store.verify(art)
+    (art.path / "weights.txt").write_text("tampered")
+    with pytest.raises(ArtifactError, match="does not match its manifest"):
+        store.verify(art)
+
+
+def test_a_failing_writer_leaves_no_version_behind(paths):
+    store = ArtifactStore(paths.artifacts)
+
+    def broken(folder):
+        (folder / "half.bin").write_bytes(b"x")
+        raise RuntimeError("training crashed")
+
+    with pytest.raises(RuntimeError):
+        store.write("model", "holdout", "v1", broken, {})
+    assert store.list("model") == []
+    assert not list((paths.artifacts / "model" / "holdout").iterdir())
+    with pytest.raises(ArtifactError, match="materialize the model asset first"):
+        store.latest("model", "holdout")
+
+
+def test_content_version_is_stable_and_sensitive():
+    assert content_version({"a": 1, "b": 2}) == content_version({"b": 2, "a": 1})
+    assert content_version({"a": 1}) != content_version({"a": 2})
+
+
+def test_bad_path_segments_are_refused(paths):
+    with pytest.raises(ArtifactError, match="Invalid artifact partition"):
+        ArtifactStore(paths.artifacts).write("model", "../x", "v1", _writer(""), {})

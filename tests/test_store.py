@@ -1,0 +1,148 @@
+import multiprocessing as mp
+from datetime import datetime
+
+import duckdb
+import polars as pl
+import pytest
+
+from warehouse import DataPaths, Warehouse
+from warehouse.schema import SchemaError
+from warehouse.sources import make_source
+
+JAN, FEB, MAR = datetime(2021, 1, 1), datetime(2021, 2, 1), datetime(2021, 3, 1)
+
+
+def _bars(start, end):
+    src = make_source("ohlcv", "synthetic")
+    return src, src.fetch(start, end)
+
+
+def test_replacing_a_window_twice_leaves_the_same_rows(warehouse):
+    src, rows = _bars(JAN, FEB)
+    first = warehouse.replace_window("ohlcv", rows, JAN, FEB, src.entities, "synthetic")
+    second = warehouse.replace_window("ohlcv", rows, JAN, FEB, src.entities, "synthetic")
+    assert first.rows_inserted == rows.height and first.rows_deleted == 0
+    assert second.rows_deleted == rows.height and second.rows_after == rows.height
+    assert warehouse.read("ohlcv").equals(rows.sort(["symbol", "ts"]))
+
+
+def test_a_window_replaces_only_its_own_rows(warehouse):
+    src, jan = _bars(JAN, FEB)
+    _, feb = _bars(FEB, MAR)
+    warehouse.replace_window("ohlcv", jan, JAN, FEB, src.entities)
+    warehouse.replace_window("ohlcv", feb, FEB, MAR, src.entities)
+    warehouse.replace_window("ohlcv", feb, FEB, MAR, src.entities)
+    assert warehouse.count("ohlcv") == jan.height + feb.height
+    # an empty fetch for a window removes that window's rows for the requested entities only
+    warehouse.replace_window("ohlcv", feb.clear(), FEB, MAR, ["ACME"])
+    left = warehouse.read("ohlcv", FEB, MAR)
+    assert "ACME" not in left["symbol"].to_list()
+    assert left.height == feb.filter(pl.col("symbol") != "ACME").height
+
+
+def test_read_filters_by_window_and_entity(warehouse):
+    src, rows = _bars(JAN, MAR)
+    warehouse.replace_window("ohlcv", rows, JAN, MAR, src.entities)
+    got = warehouse.read("ohlcv", FEB, MAR, ["BTC-USD"])
+    assert got.height == 28
+    assert got["symbol"].unique().to_list() == ["BTC-USD"]
+
+
+def test_a_failed_insert_rolls_back_and_keeps_the_old_rows(warehouse, monkeypatch):
+    src, rows = _bars(JAN, FEB)
+    warehouse.replace_window("ohlcv", rows, JAN, FEB, src.entities)
+    before = warehouse.read("ohlcv")
+
+    class Boom(RuntimeError):
+        pass
+
+    real_to_arrow = pl.DataFrame.to_arrow
+
+    def failing_to_arrow(self, *a, **k):  # fails after the DELETE ran inside the transaction
+        raise Boom("disk full")
+
+    monkeypatch.setattr(pl.DataFrame, "to_arrow", failing_to_arrow)
+    with pytest.raises(Boom):
+        warehouse.replace_window("ohlcv", rows, JAN, FEB, src.entities)
+    monkeypatch.setattr(pl.DataFrame, "to_arrow", real_to_arrow)
+    assert warehouse.read("ohlcv").equals(before)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda df: df.drop("volume"), "missing \\['volume'\\]"),
+        (lambda df: df.with_columns(extra=pl.lit(1)), "unexpected \\['extra'\\]"),
+        (lambda df: df.with_columns(symbol=pl.lit(None, pl.String)), "null values in key columns"),
+        (lambda df: pl.concat([df, df.head(1)]), "duplicate keys"),
+        (lambda df: df.with_columns(close=pl.lit(float("nan"))), "infinite or NaN"),
+        (lambda df: df.with_columns(close=pl.lit("abc")), "does not cast"),
+    ],
+)
+def test_bad_frames_are_rejected_before_anything_is_written(warehouse, mutate, message):
+    src, rows = _bars(JAN, FEB)
+    with pytest.raises(SchemaError, match=message):
+        warehouse.replace_window("ohlcv", mutate(rows), JAN, FEB, src.entities, "test-source")
+    assert warehouse.count("ohlcv") == 0
+
+
+def test_rows_outside_the_window_or_for_other_entities_are_rejected(warehouse):
+    src, rows = _bars(JAN, MAR)
+    with pytest.raises(SchemaError, match="outside the requested window"):
+        warehouse.replace_window("ohlcv", rows, JAN, FEB, src.entities)
+    with pytest.raises(SchemaError, match="which were not requested"):
+        warehouse.replace_window("ohlcv", rows, JAN, MAR, ["BTC-USD"])
+    assert warehouse.count("ohlcv") == 0
+
+
+def test_unknown_table_is_refused(warehouse):
+    with pytest.raises(SchemaError, match="Unknown warehouse table 'prices'"):
+        warehouse.read("prices")
+
+
+def test_entity_values_are_bound_as_parameters_not_sql(warehouse):
+    src, rows = _bars(JAN, FEB)
+    warehouse.replace_window("ohlcv", rows, JAN, FEB, src.entities)
+    assert warehouse.read("ohlcv", entities=["x' OR '1'='1"]).height == 0
+    assert warehouse.count("ohlcv") == rows.height
+
+
+def test_tables_have_declared_primary_keys(warehouse, paths):
+    warehouse.count("ohlcv")  # creates the schema
+    con = duckdb.connect(str(paths.duckdb_file), read_only=True)
+    keys = con.sql(
+        "SELECT table_name, constraint_column_names FROM duckdb_constraints() "
+        "WHERE constraint_type = 'PRIMARY KEY' ORDER BY 1"
+    ).fetchall()
+    con.close()
+    assert keys == [("macro", ["series", "date"]), ("ohlcv", ["symbol", "ts"]),
+                    ("onchain", ["asset", "date"])]
+
+
+def _write_month(root: str, month: int, barrier) -> int:
+    start, end = datetime(2021, month, 1), datetime(2021, month + 1, 1)
+    src = make_source("ohlcv", "synthetic")
+    rows = src.fetch(start, end)
+    barrier.wait()
+    wh = Warehouse(DataPaths.at(root), lock_timeout_s=60)
+    for _ in range(5):  # repeated writes widen the window in which the processes overlap
+        wh.replace_window("ohlcv", rows, start, end, src.entities)
+    return rows.height
+
+
+def test_parallel_processes_writing_different_partitions_both_succeed(paths):
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(4)
+        with ctx.Pool(4) as pool:
+            results = [pool.apply_async(_write_month, (str(paths.root), m, barrier)) for m in (1, 2, 3, 4)]
+            heights = [r.get(timeout=120) for r in results]
+    assert Warehouse(paths).count("ohlcv") == sum(heights)
+
+
+def test_summary_gives_rows_and_range_per_entity(warehouse):
+    src, rows = _bars(JAN, FEB)
+    warehouse.replace_window("ohlcv", rows, JAN, FEB, src.entities)
+    s = warehouse.summary("ohlcv")
+    assert s["entity"].to_list() == ["ACME", "BTC-USD", "GLBX"]
+    assert s.filter(pl.col("entity") == "BTC-USD")["rows"][0] == 31

@@ -1,0 +1,141 @@
+"""Declared schemas and keys of the raw tables, and validation at the source boundary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+
+class SchemaError(ValueError):
+    """A frame does not match the declared schema of the table it is meant for."""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A raw warehouse table: ordered columns with polars and DuckDB types, a key, a time column."""
+
+    name: str
+    columns: dict[str, pl.DataType]
+    key: tuple[str, ...]
+    time_column: str
+    entity_column: str
+
+    def duckdb_ddl(self) -> str:
+        cols = ",\n  ".join(
+            f"{c} {_DUCKDB_TYPES[type(t)]} " + ("NOT NULL" if c in self.key else "")
+            for c, t in self.columns.items()
+        )
+        return (
+            f"CREATE TABLE IF NOT EXISTS {self.name} (\n  {cols},\n"
+            f"  PRIMARY KEY ({', '.join(self.key)})\n)"
+        )
+
+
+_DUCKDB_TYPES = {
+    pl.String: "VARCHAR",
+    pl.Datetime: "TIMESTAMP",
+    pl.Date: "DATE",
+    pl.Float64: "DOUBLE",
+    pl.Int64: "BIGINT",
+}
+
+# Bars are keyed by their open time, naive UTC; a daily bar at 2024-01-05 covers that UTC day.
+OHLCV = TableSpec(
+    name="ohlcv",
+    columns={
+        "symbol": pl.String(),
+        "ts": pl.Datetime("us"),
+        "open": pl.Float64(),
+        "high": pl.Float64(),
+        "low": pl.Float64(),
+        "close": pl.Float64(),
+        "volume": pl.Float64(),
+    },
+    key=("symbol", "ts"),
+    time_column="ts",
+    entity_column="symbol",
+)
+
+ONCHAIN = TableSpec(
+    name="onchain",
+    columns={
+        "asset": pl.String(),
+        "date": pl.Date(),
+        "tx_count": pl.Float64(),
+        "active_addresses": pl.Float64(),
+        "fees_native": pl.Float64(),
+        "hash_rate": pl.Float64(),
+        "difficulty": pl.Float64(),
+        "utxo_count": pl.Float64(),
+    },
+    key=("asset", "date"),
+    time_column="date",
+    entity_column="asset",
+)
+
+# `published` is the date a value became public; feature joins use it, never `date`.
+MACRO = TableSpec(
+    name="macro",
+    columns={
+        "series": pl.String(),
+        "date": pl.Date(),
+        "value": pl.Float64(),
+        "published": pl.Date(),
+    },
+    key=("series", "date"),
+    time_column="date",
+    entity_column="series",
+)
+
+TABLES: dict[str, TableSpec] = {t.name: t for t in (OHLCV, ONCHAIN, MACRO)}
+
+
+def table_spec(name: str) -> TableSpec:
+    try:
+        return TABLES[name]
+    except KeyError:
+        raise SchemaError(
+            f"Unknown warehouse table {name!r}; known tables: {sorted(TABLES)}"
+        ) from None
+
+
+def conform(df: pl.DataFrame, spec: TableSpec, source: str) -> pl.DataFrame:
+    """Check `df` against `spec` and return it with the declared column order and types.
+
+    Raises SchemaError naming the source, the table and the problem: missing or extra columns,
+    values that do not cast to the declared type, null keys, duplicate keys.
+    """
+    where = f"source {source!r} -> table {spec.name!r}"
+    missing = [c for c in spec.columns if c not in df.columns]
+    extra = [c for c in df.columns if c not in spec.columns]
+    if missing or extra:
+        raise SchemaError(
+            f"{where}: columns do not match the declared schema "
+            f"(missing {missing}, unexpected {extra}); expected {list(spec.columns)}"
+        )
+    try:
+        out = df.select([pl.col(c).cast(t, strict=True) for c, t in spec.columns.items()])
+    except (pl.exceptions.InvalidOperationError, pl.exceptions.ComputeError) as exc:
+        raise SchemaError(f"{where}: a column does not cast to its declared type: {exc}") from exc
+    null_keys = out.select([pl.col(k).null_count().alias(k) for k in spec.key]).row(0, named=True)
+    bad = {k: n for k, n in null_keys.items() if n}
+    if bad:
+        raise SchemaError(
+            f"{where}: null values in key columns {bad}; every row needs {list(spec.key)}"
+        )
+    dup = out.group_by(list(spec.key)).len().filter(pl.col("len") > 1)
+    if dup.height:
+        raise SchemaError(
+            f"{where}: {dup.height} duplicate keys {list(spec.key)}, e.g. "
+            f"{dup.head(3).drop('len').to_dicts()}"
+        )
+    numeric = [c for c, t in spec.columns.items() if t == pl.Float64()]
+    nonfinite = out.select([(~pl.col(c).is_finite()).sum().alias(c) for c in numeric])
+    nonfinite = {c: n for c, n in nonfinite.row(0, named=True).items() if n}
+    if nonfinite:
+        raise SchemaError(
+            f"{where}: infinite or NaN values in {nonfinite}; drop or repair those rows "
+            "at the source (missing values must be null)"
+        )
+    return out.sort(list(spec.key))

@@ -1,0 +1,52 @@
+"""The connector contract and the registry that maps (table, source name) to a connector."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Protocol
+
+import polars as pl
+
+
+class SourceError(ValueError):
+    """A source name, symbol or option is not valid; raised before anything is fetched or written."""
+
+
+class Source(Protocol):
+    name: str  # the source's registry name, e.g. "synthetic"
+    table: str  # the warehouse table it feeds: "ohlcv", "onchain" or "macro"
+    entities: tuple[str, ...]  # the symbols / assets / series it returns
+
+    def fetch(self, start: datetime, end: datetime) -> pl.DataFrame:
+        """Rows with time in [start, end), in the table's declared schema."""
+        ...
+
+
+_REGISTRY: dict[str, dict[str, Callable[..., Source]]] = {"ohlcv": {}, "onchain": {}, "macro": {}}
+
+
+def register(table: str, name: str) -> Callable[[Callable[..., Source]], Callable[..., Source]]:
+    def deco(factory: Callable[..., Source]) -> Callable[..., Source]:
+        _REGISTRY[table][name] = factory
+        return factory
+
+    return deco
+
+
+def registered_sources(table: str) -> list[str]:
+    return sorted(_REGISTRY[table])
+
+
+def make_source(table: str, name: str, **options: Any) -> Source:
+    """Build the connector `name` for `table`, validating its options (symbols, seed, ...)."""
+    import warehouse.sources.synthetic  # noqa: F401 (registers the built-in sources)
+
+    if table not in _REGISTRY:
+        raise SourceError(f"Unknown table {table!r}; sources exist for {sorted(_REGISTRY)}")
+    factory = _REGISTRY[table].get(name)
+    if factory is None:
+        raise SourceError(
+            f"Unknown {table} source {name!r}; available: {registered_sources(table)}"
+        )
+    return factory(**options)

@@ -1,0 +1,195 @@
+"""The DuckDB store: raw tables, idempotent partition writes, serialized access, lake views."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, datetime
+from pathlib import Path
+
+import duckdb
+import polars as pl
+from filelock import FileLock, Timeout
+
+from warehouse.paths import DataPaths
+from warehouse.schema import TABLES, SchemaError, TableSpec, conform, table_spec
+
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+class WarehouseBusyError(RuntimeError):
+    """Another process held the warehouse lock for longer than the timeout."""
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    table: str
+    rows_deleted: int
+    rows_inserted: int
+    rows_after: int
+
+
+class Warehouse:
+    """One DuckDB file. Every connection, read or write, holds a file lock for its lifetime.
+
+    DuckDB allows one read-write process per file; the lock turns "database is locked" failures
+    of parallel Dagster steps into short waits. Connections are short-lived on purpose.
+    """
+
+    def __init__(self, paths: DataPaths, lock_timeout_s: float = 600.0) -> None:
+        self.paths = paths
+        self.lock_timeout_s = lock_timeout_s
+        self._lock = FileLock(str(paths.lock_file), thread_local=False)
+
+    @property
+    def path(self) -> Path:
+        return self.paths.duckdb_file
+
+    @contextmanager
+    def connect(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Open the database under the cross-process lock, creating the raw tables if needed."""
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire(timeout=self.lock_timeout_s)
+        except Timeout:
+            raise WarehouseBusyError(
+                f"The warehouse {self.path} stayed locked for {self.lock_timeout_s:.0f} s by another "
+                f"process (lock file {self.paths.lock_file}). Wait for that run to finish, or stop it."
+            ) from None
+        try:
+            con = duckdb.connect(str(self.path))
+            try:
+                for spec in TABLES.values():
+                    con.execute(spec.duckdb_ddl())
+                yield con
+            finally:
+                con.close()
+        finally:
+            self._lock.release()
+
+    def replace_window(
+        self,
+        table: str,
+        df: pl.DataFrame,
+        start: datetime | date,
+        end: datetime | date,
+        entities: Sequence[str],
+        source: str = "unknown",
+    ) -> WriteResult:
+        """Replace the rows of `entities` with time in [start, end) by `df`, in one transaction.
+
+        Re-running with the same input leaves the table unchanged; a failure anywhere rolls the
+        whole write back, so readers see either the old window or the new one.
+        """
+        spec = table_spec(table)
+        rows = conform(df, spec, source)
+        _check_inside_window(rows, spec, start, end, entities, source)
+        lo, hi = _window_bounds(spec, start, end)
+        with self.connect() as con:
+            con.begin()
+            try:
+                deleted = con.execute(
+                    f"DELETE FROM {spec.name} WHERE {spec.entity_column} IN (SELECT unnest(?)) "  # noqa: S608 (identifiers from the fixed table registry)
+                    f"AND {spec.time_column} >= ? AND {spec.time_column} < ?",
+                    [list(entities), lo, hi],
+                ).fetchall()[0][0]
+                incoming = rows.to_arrow()  # noqa: F841 (read by DuckDB's replacement scan)
+                con.execute(f"INSERT INTO {spec.name} SELECT * FROM incoming")  # noqa: S608
+                con.commit()
+            except BaseException:
+                con.rollback()
+                raise
+            total = con.execute(f"SELECT count(*) FROM {spec.name}").fetchall()[0][0]  # noqa: S608
+        return WriteResult(spec.name, int(deleted), rows.height, int(total))
+
+    def read(
+        self,
+        table: str,
+        start: datetime | date | None = None,
+        end: datetime | date | None = None,
+        entities: Sequence[str] | None = None,
+    ) -> pl.DataFrame:
+        """Rows of a raw table, optionally restricted to [start, end) and some entities, in key order."""
+        spec = table_spec(table)
+        clauses, params = [], []
+        if entities is not None:
+            clauses.append(f"{spec.entity_column} IN (SELECT unnest(?))")
+            params.append(list(entities))
+        if start is not None:
+            clauses.append(f"{spec.time_column} >= ?")
+            params.append(_as_time(spec, start))
+        if end is not None:
+            clauses.append(f"{spec.time_column} < ?")
+            params.append(_as_time(spec, end))
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = f"SELECT * FROM {spec.name}{where} ORDER BY {', '.join(spec.key)}"  # noqa: S608
+        with self.connect() as con:
+            arrow = con.sql(sql, params=params).to_arrow_table()
+        return pl.from_arrow(arrow).select([pl.col(c).cast(t) for c, t in spec.columns.items()])
+
+    def count(self, table: str) -> int:
+        spec = table_spec(table)
+        with self.connect() as con:
+            return int(con.execute(f"SELECT count(*) FROM {spec.name}").fetchall()[0][0])  # noqa: S608
+
+    def summary(self, table: str) -> pl.DataFrame:
+        """Row count and time range per entity: what a person checks after an ingest."""
+        spec = table_spec(table)
+        sql = (
+            f"SELECT {spec.entity_column} AS entity, count(*) AS rows, "  # noqa: S608
+            f"min({spec.time_column}) AS first, max({spec.time_column}) AS last "
+            f"FROM {spec.name} GROUP BY 1 ORDER BY 1"
+        )
+        with self.connect() as con:
+            return pl.from_arrow(con.sql(sql).to_arrow_table())
+
+    def refresh_lake_views(self, lake_root: Path, tables: Sequence[str]) -> list[str]:
+        """Create or replace a view `lake_<table>` over each Parquet table that has files."""
+        made = []
+        with self.connect() as con:
+            for name in tables:
+                if not _IDENT.match(name):
+                    raise SchemaError(
+                        f"Invalid lake table name {name!r}: use lower-case letters, digits, _"
+                    )
+                files = list((lake_root / name).glob("**/*.parquet"))
+                if not files:
+                    continue
+                # A view body cannot take parameters; the path is ours (validated name, quoted).
+                pattern = str(lake_root / name / "**" / "*.parquet").replace("'", "''")
+                con.execute(
+                    f"CREATE OR REPLACE VIEW lake_{name} AS SELECT * FROM "  # noqa: S608
+                    f"read_parquet('{pattern}', hive_partitioning = true, union_by_name = true)"
+                )
+                made.append(f"lake_{name}")
+        return made
+
+
+def _as_time(spec: TableSpec, value: datetime | date) -> datetime | date:
+    """A window bound in the type of the table's time column (DATE or TIMESTAMP)."""
+    if spec.columns[spec.time_column] == pl.Date():
+        return value.date() if isinstance(value, datetime) else value
+    return value if isinstance(value, datetime) else datetime(value.year, value.month, value.day)
+
+
+def _window_bounds(spec: TableSpec, start: datetime | date, end: datetime | date):
+    return _as_time(spec, start), _as_time(spec, end)
+
+
+def _check_inside_window(rows: pl.DataFrame, spec: TableSpec, start, end, entities, source) -> None:
+    lo, hi = _window_bounds(spec, start, end)
+    t = pl.col(spec.time_column)
+    outside = rows.filter((t < lo) | (t >= hi))
+    if outside.height:
+        raise SchemaError(
+            f"source {source!r} -> table {spec.name!r}: {outside.height} rows lie outside the "
+            f"requested window [{lo}, {hi}), e.g. {outside.head(2).to_dicts()}; nothing was written"
+        )
+    unknown = set(rows[spec.entity_column].unique().to_list()) - set(entities)
+    if unknown:
+        raise SchemaError(
+            f"source {source!r} -> table {spec.name!r}: rows for {sorted(unknown)} which were not "
+            f"requested ({sorted(entities)}); nothing was written"
+        )
