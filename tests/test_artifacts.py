@@ -9,6 +9,7 @@ from warehouse.artifacts import ArtifactError, content_version
 def _writer(text):
     def write(folder):
         (folder / "weights.txt").write_text(text)
+
     return write
 
 

@@ -8,8 +8,12 @@ from warehouse.lake import LakeError
 
 
 def _frame(years=(2020, 2021), symbols=("BTC-USD", "ACME")):
-    rows = [{"symbol": s, "ts": datetime(y, m, 1), "x": float(y * 100 + m)}
-            for s in symbols for y in years for m in (1, 6)]
+    rows = [
+        {"symbol": s, "ts": datetime(y, m, 1), "x": float(y * 100 + m)}
+        for s in symbols
+        for y in years
+        for m in (1, 6)
+    ]
     return pl.DataFrame(rows)
 
 
@@ -19,8 +23,10 @@ def test_snapshot_uses_hive_layout_and_reads_back(paths):
     files = lake.write_snapshot("features", df, time_column="ts")
     rel = sorted(str(f.relative_to(paths.lake)) for f in files)
     assert rel == [
-        "features/symbol=ACME/year=2020/part-0.parquet", "features/symbol=ACME/year=2021/part-0.parquet",
-        "features/symbol=BTC-USD/year=2020/part-0.parquet", "features/symbol=BTC-USD/year=2021/part-0.parquet",
+        "features/symbol=ACME/year=2020/part-0.parquet",
+        "features/symbol=ACME/year=2021/part-0.parquet",
+        "features/symbol=BTC-USD/year=2020/part-0.parquet",
+        "features/symbol=BTC-USD/year=2021/part-0.parquet",
     ]
     back = lake.read("features").select(df.columns).sort(["symbol", "ts"])
     assert back.equals(df.sort(["symbol", "ts"]))
@@ -31,7 +37,8 @@ def test_a_new_snapshot_removes_partitions_that_are_gone(paths):
     lake.write_snapshot("features", _frame(years=(2019, 2020)), time_column="ts")
     lake.write_snapshot("features", _frame(years=(2020,), symbols=("ACME",)), time_column="ts")
     assert [str(f.relative_to(paths.lake)) for f in lake.files("features")] == [
-        "features/symbol=ACME/year=2020/part-0.parquet"]
+        "features/symbol=ACME/year=2020/part-0.parquet"
+    ]
     assert not (paths.lake / "features" / "symbol=BTC-USD").exists()
 
 
@@ -76,5 +83,7 @@ def test_duckdb_views_query_the_lake(paths):
     wh = Warehouse(paths)
     assert wh.refresh_lake_views(paths.lake, ["features", "labels"]) == ["lake_features"]
     with wh.connect() as con:
-        n, symbols = con.sql("SELECT count(*), count(DISTINCT symbol) FROM lake_features").fetchall()[0]
+        n, symbols = con.sql(
+            "SELECT count(*), count(DISTINCT symbol) FROM lake_features"
+        ).fetchall()[0]
     assert (n, symbols) == (8, 2)

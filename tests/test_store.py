@@ -115,8 +115,11 @@ def test_tables_have_declared_primary_keys(warehouse, paths):
         "WHERE constraint_type = 'PRIMARY KEY' ORDER BY 1"
     ).fetchall()
     con.close()
-    assert keys == [("macro", ["series", "date"]), ("ohlcv", ["symbol", "ts"]),
-                    ("onchain", ["asset", "date"])]
+    assert keys == [
+        ("macro", ["series", "date"]),
+        ("ohlcv", ["symbol", "ts"]),
+        ("onchain", ["asset", "date"]),
+    ]
 
 
 def _write_month(root: str, month: int, barrier) -> int:
@@ -135,7 +138,9 @@ def test_parallel_processes_writing_different_partitions_both_succeed(paths):
     with ctx.Manager() as manager:
         barrier = manager.Barrier(4)
         with ctx.Pool(4) as pool:
-            results = [pool.apply_async(_write_month, (str(paths.root), m, barrier)) for m in (1, 2, 3, 4)]
+            results = [
+                pool.apply_async(_write_month, (str(paths.root), m, barrier)) for m in (1, 2, 3, 4)
+            ]
             heights = [r.get(timeout=120) for r in results]
     assert Warehouse(paths).count("ohlcv") == sum(heights)
 

@@ -80,7 +80,9 @@ def test_onchain_activity_is_coupled_to_price(synthetic_ohlcv, synthetic_onchain
 
 
 def test_macro_is_published_one_day_after_observation_and_spread_is_consistent(synthetic_macro):
-    assert (synthetic_macro["published"] - synthetic_macro["date"]).dt.total_days().unique().to_list() == [1]
+    assert (
+        synthetic_macro["published"] - synthetic_macro["date"]
+    ).dt.total_days().unique().to_list() == [1]
     assert synthetic_macro["date"].dt.weekday().max() <= 5
     wide = synthetic_macro.pivot(on="series", index="date", values="value")
     assert np.allclose(wide["T10Y2Y"], wide["DGS10"] - wide["DGS2"], atol=0.011)
@@ -101,7 +103,9 @@ def test_bad_options_fail_with_a_message_naming_the_input(table, options, messag
 
 
 def test_unknown_source_name_lists_the_available_ones():
-    with pytest.raises(SourceError, match=r"Unknown ohlcv source 'bloomberg'; available: \['synthetic'\]"):
+    with pytest.raises(
+        SourceError, match=r"Unknown ohlcv source 'bloomberg'; available: \['synthetic'\]"
+    ):
         make_source("ohlcv", "bloomberg")
 
 

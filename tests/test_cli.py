@@ -1,0 +1,118 @@
+"""The real command-line entry points, run as a user would, in subprocesses."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from warehouse import DataPaths, Warehouse
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    home = tmp_path / "data" / "dagster_home"
+    home.mkdir(parents=True)
+    shutil.copy(ROOT / "pipelines" / "dagster.yaml", home / "dagster.yaml")
+    return {
+        **os.environ,
+        "MAMBACAST_DATA_DIR": str(tmp_path / "data"),
+        "DAGSTER_HOME": str(home),
+        "DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS": "true",
+    }
+
+
+@pytest.mark.slow
+def test_dagster_asset_materialize_one_partition_lands_in_the_warehouse_and_the_instance(
+    tmp_path, monkeypatch
+):
+    env = _env(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
+    cmd = [
+        str(BIN / "dagster"),
+        "asset",
+        "materialize",
+        "-m",
+        "pipelines.definitions",
+        "--select",
+        "ohlcv_bars,onchain_metrics,macro_series",
+        "--partition",
+        "2024-01-02",
+    ]
+    for _ in range(2):  # the second run replaces the partition instead of adding to it
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    wh = Warehouse(DataPaths.at(env["MAMBACAST_DATA_DIR"]))
+    assert wh.count("ohlcv") == 3  # BTC-USD and two stocks on a Tuesday
+    assert wh.count("macro") == 4 and wh.count("onchain") == 1
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        runs = instance.get_runs()
+        assert len(runs) == 2 and all(r.is_success for r in runs)
+        assert runs[0].tags["dagster/partition"] == "2024-01-02"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_webserver_serves_the_graph_on_localhost(tmp_path):
+    env = _env(tmp_path)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            str(BIN / "dagster-webserver"),
+            "-w",
+            "workspace.yaml",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/server_info", timeout=2) as r:
+                    assert "dagster_webserver_version" in json.loads(r.read())
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read()[-3000:]
+                assert time.time() < deadline, "webserver did not come up in 90 s"
+                time.sleep(0.5)
+        query = {"query": "{ assetNodes { assetKey { path } groupName } }"}
+        nodes = []
+        while not nodes and time.time() < deadline:  # the code location loads after the server
+            req = urllib.request.Request(
+                f"{base}/graphql",
+                data=json.dumps(query).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(req, timeout=10) as r:
+                nodes = json.loads(r.read())["data"]["assetNodes"]
+            time.sleep(0.5)
+        got = {n["assetKey"]["path"][0]: n["groupName"] for n in nodes}
+        assert got["ohlcv_bars"] == "ingest" and got["backtest"] == "backtest"
+        assert len(got) == 10
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        proc.stderr.close()
