@@ -33,10 +33,23 @@ def main() -> None:
     home = work / "dagster_home"
     home.mkdir(parents=True)
     shutil.copy(ROOT / "pipelines" / "dagster.yaml", home / "dagster.yaml")
-    env = {**os.environ, "MAMBACAST_DATA_DIR": str(work), "DAGSTER_HOME": str(home),
-           "DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS": "true"}
-    cmd = [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m",
-           "pipelines.definitions", "--select", "*", "--partition-range", args.range]
+    env = {
+        **os.environ,
+        "MAMBACAST_DATA_DIR": str(work),
+        "DAGSTER_HOME": str(home),
+        "DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS": "true",
+    }
+    cmd = [
+        str(Path(sys.executable).parent / "dagster"),
+        "asset",
+        "materialize",
+        "-m",
+        "pipelines.definitions",
+        "--select",
+        "*",
+        "--partition-range",
+        args.range,
+    ]
     print(f"running: {' '.join(cmd)}\n  data dir {work}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -51,8 +64,11 @@ def main() -> None:
 
     with dg.DagsterInstance.get() as instance:
         run = instance.get_runs(limit=1)[0]
-        steps = {s.step_key: round(s.end_time - s.start_time, 2)
-                 for s in instance.get_run_step_stats(run.run_id) if s.end_time}
+        steps = {
+            s.step_key: round(s.end_time - s.start_time, 2)
+            for s in instance.get_run_step_stats(run.run_id)
+            if s.end_time
+        }
     wh = Warehouse(DataPaths.at(work))
     rows = {t: wh.count(t) for t in ("ohlcv", "onchain", "macro")}
     start, end = (date.fromisoformat(d) for d in args.range.split("..."))
