@@ -4,6 +4,7 @@ A failed check stops everything downstream of its asset in the same run.
 """
 
 import dagster as dg
+import polars as pl
 
 from assets.ingest import INGEST_ASSETS, TABLE_OF
 from assets.metadata import table_md
@@ -37,8 +38,6 @@ def _quality_check(asset: dg.AssetsDefinition) -> dg.AssetChecksDefinition:
             {"rule": f.rule, "rows": f.unexpected_count, "examples": str(f.examples[:3])}
             for f in report.failures
         ]
-        import polars as pl
-
         metadata = {
             "rows_checked": report.rows,
             "window": f"[{start}, {end})" if start else "whole table",
