@@ -26,7 +26,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt -e '.[dev]'
 	touch $@
 
+## instance: the Dagster instance in the data directory, and a .env that points the dagster CLI
+## (run from this folder) at it, so CLI runs show up in the UI; explicit variables still win.
 instance: $(DAGSTER_HOME)/dagster.yaml
+	@printf '%s\n' \
+		'# Written by `make instance`; read by the dagster CLI when run from this folder.' \
+		'MAMBACAST_DATA_DIR=$${MAMBACAST_DATA_DIR:-$(MAMBACAST_DATA_DIR)}' \
+		'DAGSTER_HOME=$${DAGSTER_HOME:-$(DAGSTER_HOME)}' \
+		'DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS=true' > .env
 
 $(DAGSTER_HOME)/dagster.yaml: pipelines/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
