@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
@@ -13,8 +14,16 @@ class SourceError(ValueError):
     """A source name, symbol or option is not valid; raised before anything is fetched or written."""
 
 
+class SourceFetchError(RuntimeError):
+    """Fetching failed (network, HTTP status, malformed or truncated payload); nothing was written.
+
+    The message names the source and the range that was being fetched.
+    """
+
+
 class Source(Protocol):
     name: str  # the source's registry name, e.g. "synthetic"
+    # OHLCV sources also have `timeframe`: "1d", "1h" or "1m" (bars keyed by their UTC open time)
     table: str  # the warehouse table it feeds: "ohlcv", "onchain" or "macro"
     entities: tuple[str, ...]  # the symbols / assets / series it returns
 
@@ -22,6 +31,8 @@ class Source(Protocol):
         """Rows with time in [start, end), in the table's declared schema."""
         ...
 
+
+BUILTIN_MODULES = ("synthetic",)
 
 _REGISTRY: dict[str, dict[str, Callable[..., Source]]] = {"ohlcv": {}, "onchain": {}, "macro": {}}
 
@@ -40,7 +51,8 @@ def registered_sources(table: str) -> list[str]:
 
 def make_source(table: str, name: str, **options: Any) -> Source:
     """Build the connector `name` for `table`, validating its options (symbols, seed, ...)."""
-    import warehouse.sources.synthetic  # noqa: F401 (registers the built-in sources)
+    for module in BUILTIN_MODULES:  # importing a connector module registers it
+        importlib.import_module(f"warehouse.sources.{module}")
 
     if table not in _REGISTRY:
         raise SourceError(f"Unknown table {table!r}; sources exist for {sorted(_REGISTRY)}")
