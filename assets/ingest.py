@@ -25,22 +25,32 @@ def ingest_window(
         f"[{start:%Y-%m-%d}, {end:%Y-%m-%d})"
     )
     rows = source.fetch(start, end)
+    context.log.info(f"Fetched {rows.height} rows; writing them in one transaction")
     store = warehouse.warehouse()
-    result = store.replace_window(table, rows, start, end, source.entities, source=source.name)
-    context.log.info(
-        f"{table}: replaced {result.rows_deleted} rows with {result.rows_inserted}; "
-        f"table now has {result.rows_after} rows"
-    )
+    if table == "ohlcv":
+        results = store.replace_bars(
+            getattr(source, "timeframe", "1d"), rows, start, end, source.entities, source.name
+        )
+    else:
+        results = [store.replace_window(table, rows, start, end, source.entities, source.name)]
+    for r in results:
+        context.log.info(
+            f"{r.table}: replaced {r.rows_deleted} rows with {r.rows_inserted}; "
+            f"table now has {r.rows_after} rows"
+        )
+    result = results[-1]  # the daily table for bars; downstream assets read it
     return dg.MaterializeResult(
         metadata={
             "source": source.name,
             "window": f"[{start:%Y-%m-%d}, {end:%Y-%m-%d})",
+            "timeframe": getattr(source, "timeframe", "1d"),
+            "rows_written": dg.MetadataValue.json({r.table: r.rows_inserted for r in results}),
             "rows_inserted": result.rows_inserted,
             "rows_replaced": result.rows_deleted,
             "table_rows": result.rows_after,
-            "table": f"{store.path}::{table}",
             "per_entity": table_md(store.summary(table), rows=50),
             "preview": table_md(rows.tail(5)),
+            "table": f"{store.path}::{result.table}",
         }
     )
 

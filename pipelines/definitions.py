@@ -69,7 +69,10 @@ def default_resources(data_dir: str | None = None) -> dict[str, dg.ConfigurableR
     root = data_dir or os.environ.get("MAMBACAST_DATA_DIR") or DEFAULT_DATA_DIR
     return {
         "warehouse": WarehouseResource(data_dir=str(Path(root).expanduser().resolve())),
-        "sources": MarketSourcesResource(),
+        # The key is passed as an EnvVar reference, so the UI shows the name, never the value.
+        "sources": MarketSourcesResource(
+            fred_api_key=dg.EnvVar("FRED_API_KEY") if os.environ.get("FRED_API_KEY") else None
+        ),
     }
 
 

@@ -7,6 +7,7 @@ from pydantic import Field
 
 from warehouse import ArtifactStore, DataPaths, Lake, Warehouse
 from warehouse.sources import Source, make_source
+from warehouse.sources.base import accepted_options
 from warehouse.sources.synthetic import MACRO_SERIES, ONCHAIN_ASSETS, SYMBOLS
 
 
@@ -33,29 +34,63 @@ class WarehouseResource(dg.ConfigurableResource):
 
 
 class MarketSourcesResource(dg.ConfigurableResource):
-    """Which connector feeds each raw table, and what it fetches. Synthetic is the default."""
+    """Which connector feeds each raw table, and its options. Synthetic is the default.
 
-    ohlcv_source: str = "synthetic"
-    onchain_source: str = "synthetic"
-    macro_source: str = "synthetic"
+    Each connector takes the options it knows (see README "Use real data") and ignores the rest.
+    """
+
+    ohlcv_source: str = Field(default="synthetic", description="synthetic | file | ccxt | yfinance")
     symbols: list[str] = Field(default_factory=lambda: list(SYMBOLS))
+    timeframe: str = Field(default="1d", description="Bar size fetched: 1d, 1h or 1m")
+    exchange: str = Field(default="binance", description="ccxt exchange id")
+    ohlcv_path: str = Field(default="", description="CSV/Parquet file for ohlcv_source=file")
+    auto_adjust: bool = Field(default=True, description="yfinance: split/dividend-adjusted prices")
+    onchain_source: str = Field(
+        default="synthetic", description="synthetic | coinmetrics | coinmetrics_csv"
+    )
     onchain_assets: list[str] = Field(default_factory=lambda: list(ONCHAIN_ASSETS))
+    onchain_path: str = Field(default="", description="CSV for onchain_source=coinmetrics_csv")
+    macro_source: str = Field(default="synthetic", description="synthetic | fred | fred_file")
     macro_series: list[str] = Field(default_factory=lambda: list(MACRO_SERIES))
+    fred_mode: str = Field(default="auto", description="fred: auto | api | csv (keyless)")
+    fred_api_key: str | None = Field(default=None, description="Set from EnvVar FRED_API_KEY")
+    macro_path: str = Field(default="", description="CSV for macro_source=fred_file")
     seed: int = Field(default=42, ge=0, description="Seed of the synthetic market")
 
     def source(self, table: str) -> Source:
-        """The configured connector for `table`; raises SourceError on unknown names or symbols."""
-        if table == "ohlcv":
-            return make_source(
-                "ohlcv", self.ohlcv_source, symbols=tuple(self.symbols), seed=self.seed
-            )
-        if table == "onchain":
-            return make_source(
-                "onchain", self.onchain_source, assets=tuple(self.onchain_assets), seed=self.seed
-            )
-        return make_source(
-            "macro", self.macro_source, series=tuple(self.macro_series), seed=self.seed
-        )
+        """The configured connector for `table`; raises SourceError on unknown names or options."""
+        name, options = {
+            "ohlcv": (
+                self.ohlcv_source,
+                {
+                    "symbols": tuple(self.symbols),
+                    "timeframe": self.timeframe,
+                    "seed": self.seed,
+                    "exchange": self.exchange,
+                    "path": self.ohlcv_path,
+                    "auto_adjust": self.auto_adjust,
+                },
+            ),
+            "onchain": (
+                self.onchain_source,
+                {
+                    "assets": tuple(self.onchain_assets),
+                    "seed": self.seed,
+                    "path": self.onchain_path,
+                },
+            ),
+            "macro": (
+                self.macro_source,
+                {
+                    "series": tuple(self.macro_series),
+                    "seed": self.seed,
+                    "mode": self.fred_mode,
+                    "api_key": self.fred_api_key,
+                    "path": self.macro_path,
+                },
+            ),
+        }[table]
+        return make_source(table, name, **accepted_options(table, name, options))
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # Fail at the start of the run, before any step writes, if the configuration is invalid.

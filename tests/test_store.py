@@ -1,7 +1,8 @@
 import multiprocessing as mp
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import duckdb
+import numpy as np
 import polars as pl
 import pytest
 
@@ -107,19 +108,65 @@ def test_entity_values_are_bound_as_parameters_not_sql(warehouse):
     assert warehouse.count("ohlcv") == rows.height
 
 
-def test_tables_have_declared_primary_keys(warehouse, paths):
+def test_key_columns_are_not_null_in_duckdb(warehouse, paths):
     warehouse.count("ohlcv")  # creates the schema
     con = duckdb.connect(str(paths.duckdb_file), read_only=True)
-    keys = con.sql(
+    not_null = con.sql(
         "SELECT table_name, constraint_column_names FROM duckdb_constraints() "
-        "WHERE constraint_type = 'PRIMARY KEY' ORDER BY 1"
+        "WHERE constraint_type = 'NOT NULL' ORDER BY 1, 2"
     ).fetchall()
     con.close()
-    assert keys == [
-        ("macro", ["series", "date"]),
-        ("ohlcv", ["symbol", "ts"]),
-        ("onchain", ["asset", "date"]),
+    assert ("ohlcv", ["symbol"]) in not_null and ("ohlcv", ["ts"]) in not_null
+    assert ("macro", ["published"]) not in not_null  # only keys are constrained
+    assert {t for t, _ in not_null} == {"ohlcv", "ohlcv_1h", "ohlcv_1m", "onchain", "macro"}
+
+
+def _minute_bars(start, days, symbol="BTC-USD"):
+    n = days * 1440
+    ts = pl.datetime_range(start, start + timedelta(days=days), "1m", closed="left", eager=True)
+    price = 100 + np.arange(n) * 0.01
+    return pl.DataFrame(
+        {
+            "symbol": symbol,
+            "ts": ts,
+            "open": price,
+            "high": price + 0.5,
+            "low": price - 0.5,
+            "close": price + 0.01,
+            "volume": np.ones(n),
+        }
+    )
+
+
+def test_minute_bars_rebuild_hourly_and_daily_bars_in_the_same_write(warehouse):
+    start = datetime(2021, 1, 1)
+    bars = _minute_bars(start, 2)
+    results = warehouse.replace_bars("1m", bars, start, start + timedelta(days=2), ["BTC-USD"])
+    assert [(r.table, r.rows_inserted) for r in results] == [
+        ("ohlcv_1m", 2880),
+        ("ohlcv_1h", 48),
+        ("ohlcv", 2),
     ]
+    day = warehouse.read("ohlcv").row(0, named=True)
+    first_day = bars.head(1440)
+    assert day["ts"] == start
+    assert day["open"] == first_day["open"][0] and day["close"] == first_day["close"][-1]
+    assert day["high"] == first_day["high"].max() and day["low"] == first_day["low"].min()
+    assert day["volume"] == 1440
+    hour = warehouse.read("ohlcv_1h").row(1, named=True)
+    assert hour["ts"] == start + timedelta(hours=1) and hour["open"] == bars["open"][60]
+    again = warehouse.replace_bars("1m", bars, start, start + timedelta(days=2), ["BTC-USD"])
+    assert [r.rows_after for r in again] == [2880, 48, 2]
+
+
+def test_resampled_windows_must_be_whole_days(warehouse):
+    start = datetime(2021, 1, 1, 6)
+    with pytest.raises(SchemaError, match="must start and end at 00:00 UTC"):
+        warehouse.replace_bars(
+            "1m", _minute_bars(start, 1), start, start + timedelta(days=1), ["BTC-USD"]
+        )
+    with pytest.raises(SchemaError, match="Unknown bar timeframe '5m'"):
+        warehouse.replace_bars("5m", _minute_bars(start, 1), start, start, ["BTC-USD"])
 
 
 def _write_month(root: str, month: int, barrier) -> int:

@@ -14,7 +14,16 @@ import polars as pl
 from filelock import FileLock, Timeout
 
 from warehouse.paths import DataPaths
-from warehouse.schema import TABLES, SchemaError, TableSpec, conform, table_spec
+from warehouse.schema import (
+    TABLES,
+    TIMEFRAME_BUCKET,
+    SchemaError,
+    TableSpec,
+    coarser_timeframes,
+    conform,
+    ohlcv_table,
+    table_spec,
+)
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
 
@@ -87,22 +96,57 @@ class Warehouse:
         rows = conform(df, spec, source)
         _check_inside_window(rows, spec, start, end, entities, source)
         lo, hi = _window_bounds(spec, start, end)
-        with self.connect() as con:
-            con.begin()
-            try:
-                deleted = con.execute(
-                    f"DELETE FROM {spec.name} WHERE {spec.entity_column} IN (SELECT unnest(?)) "  # noqa: S608 (identifiers from the fixed table registry)
-                    f"AND {spec.time_column} >= ? AND {spec.time_column} < ?",
+        with self.connect() as con, _transaction(con):
+            deleted = _delete_window(con, spec, lo, hi, entities)
+            incoming = rows.to_arrow()  # noqa: F841 (read by DuckDB's replacement scan)
+            con.execute(f"INSERT INTO {spec.name} SELECT * FROM incoming")  # noqa: S608
+        return WriteResult(spec.name, deleted, rows.height, self.count(spec.name))
+
+    def replace_bars(
+        self,
+        timeframe: str,
+        df: pl.DataFrame,
+        start: datetime,
+        end: datetime,
+        entities: Sequence[str],
+        source: str = "unknown",
+    ) -> list[WriteResult]:
+        """Replace a window of `timeframe` bars and rebuild the coarser bars from them.
+
+        Minute bars also rebuild the hourly and daily tables for the window, hourly bars the
+        daily one; everything happens in one transaction. The window must start and end on UTC
+        day boundaries when there is a coarser table to rebuild.
+        """
+        spec = table_spec(ohlcv_table(timeframe))
+        rows = conform(df, spec, source)
+        _check_inside_window(rows, spec, start, end, entities, source)
+        lo, hi = _window_bounds(spec, start, end)
+        coarser = coarser_timeframes(timeframe)
+        if coarser and (_not_midnight(lo) or _not_midnight(hi)):
+            raise SchemaError(
+                f"{timeframe} bars are resampled into {coarser}: the window [{lo}, {hi}) must "
+                "start and end at 00:00 UTC"
+            )
+        results = []
+        with self.connect() as con, _transaction(con):
+            deleted = _delete_window(con, spec, lo, hi, entities)
+            incoming = rows.to_arrow()  # noqa: F841 (read by DuckDB's replacement scan)
+            con.execute(f"INSERT INTO {spec.name} SELECT * FROM incoming")  # noqa: S608
+            results.append((spec.name, deleted, rows.height))
+            for tf in coarser:
+                dst = table_spec(ohlcv_table(tf))
+                gone = _delete_window(con, dst, lo, hi, entities)
+                # Identifiers and the bucket width come from the fixed registry in schema.py.
+                made = con.execute(
+                    f"INSERT INTO {dst.name} SELECT symbol, "  # noqa: S608
+                    f"time_bucket(INTERVAL '{TIMEFRAME_BUCKET[tf]}', ts) AS bucket, "
+                    "arg_min(open, ts), max(high), min(low), arg_max(close, ts), sum(volume) "
+                    f"FROM {spec.name} WHERE symbol IN (SELECT unnest(?)) AND ts >= ? AND ts < ? "
+                    "GROUP BY symbol, bucket",
                     [list(entities), lo, hi],
                 ).fetchall()[0][0]
-                incoming = rows.to_arrow()  # noqa: F841 (read by DuckDB's replacement scan)
-                con.execute(f"INSERT INTO {spec.name} SELECT * FROM incoming")  # noqa: S608
-                con.commit()
-            except BaseException:
-                con.rollback()
-                raise
-            total = con.execute(f"SELECT count(*) FROM {spec.name}").fetchall()[0][0]  # noqa: S608
-        return WriteResult(spec.name, int(deleted), rows.height, int(total))
+                results.append((dst.name, gone, int(made)))
+        return [WriteResult(t, d, n, self.count(t)) for t, d, n in results]
 
     def read(
         self,
@@ -165,6 +209,32 @@ class Warehouse:
                 )
                 made.append(f"lake_{name}")
         return made
+
+
+@contextmanager
+def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    con.begin()
+    try:
+        yield
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+
+
+def _delete_window(con: duckdb.DuckDBPyConnection, spec: TableSpec, lo, hi, entities) -> int:
+    # Identifiers come from the fixed table registry; values are bound parameters.
+    return int(
+        con.execute(
+            f"DELETE FROM {spec.name} WHERE {spec.entity_column} IN (SELECT unnest(?)) "  # noqa: S608
+            f"AND {spec.time_column} >= ? AND {spec.time_column} < ?",
+            [list(entities), lo, hi],
+        ).fetchall()[0][0]
+    )
+
+
+def _not_midnight(t: datetime | date) -> bool:
+    return isinstance(t, datetime) and (t.hour, t.minute, t.second, t.microsecond) != (0, 0, 0, 0)
 
 
 def _as_time(spec: TableSpec, value: datetime | date) -> datetime | date:

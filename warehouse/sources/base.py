@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
@@ -32,7 +33,7 @@ class Source(Protocol):
         ...
 
 
-BUILTIN_MODULES = ("synthetic",)
+BUILTIN_MODULES = ("synthetic", "files")
 
 _REGISTRY: dict[str, dict[str, Callable[..., Source]]] = {"ohlcv": {}, "onchain": {}, "macro": {}}
 
@@ -45,15 +46,19 @@ def register(table: str, name: str) -> Callable[[Callable[..., Source]], Callabl
     return deco
 
 
+def _load_builtins() -> None:
+    for module in BUILTIN_MODULES:  # importing a connector module registers it
+        importlib.import_module(f"warehouse.sources.{module}")
+
+
 def registered_sources(table: str) -> list[str]:
+    _load_builtins()
     return sorted(_REGISTRY[table])
 
 
 def make_source(table: str, name: str, **options: Any) -> Source:
     """Build the connector `name` for `table`, validating its options (symbols, seed, ...)."""
-    for module in BUILTIN_MODULES:  # importing a connector module registers it
-        importlib.import_module(f"warehouse.sources.{module}")
-
+    _load_builtins()
     if table not in _REGISTRY:
         raise SourceError(f"Unknown table {table!r}; sources exist for {sorted(_REGISTRY)}")
     factory = _REGISTRY[table].get(name)
@@ -62,3 +67,13 @@ def make_source(table: str, name: str, **options: Any) -> Source:
             f"Unknown {table} source {name!r}; available: {registered_sources(table)}"
         )
     return factory(**options)
+
+
+def accepted_options(table: str, name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The subset of `options` that source `name` takes (each connector ignores the others')."""
+    _load_builtins()
+    factory = _REGISTRY.get(table, {}).get(name)
+    if factory is None:
+        return options  # make_source will name the unknown source
+    params = inspect.signature(factory).parameters
+    return {k: v for k, v in options.items() if k in params}

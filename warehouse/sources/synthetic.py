@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 
 import numpy as np
 import polars as pl
@@ -236,16 +236,29 @@ def _window(df: pl.DataFrame, col: str, start: datetime, end: datetime) -> pl.Da
     return df.filter((pl.col(col) >= start) & (pl.col(col) < end))
 
 
+# Intraday sessions: crypto trades around the clock, stocks 14:30-21:00 UTC (6.5 hours).
+_SESSION = {"crypto": (0, 1440), "stock": (14 * 60 + 30, 390)}  # (first minute, minutes per day)
+_MINUTES = {"1m": 1, "1h": 60}
+
+
 @register("ohlcv", "synthetic")
 @dataclass
 class SyntheticOHLCV:
+    """Daily bars, or 1h / 1m bars that bridge each day's open to its close."""
+
     symbols: tuple[str, ...] = tuple(SYMBOLS)
     seed: int = 42
+    timeframe: str = "1d"
     name: str = "synthetic"
     table: str = "ohlcv"
 
     def __post_init__(self) -> None:
         self.symbols = check_symbols(self.symbols, tuple(SYMBOLS), "symbols")
+        if self.timeframe not in ("1d", *_MINUTES):
+            raise SourceError(
+                f"Unknown timeframe {self.timeframe!r} for source 'synthetic'; "
+                "use '1d', '1h' or '1m'"
+            )
         self._market = _market(self.seed)
 
     @property
@@ -253,7 +266,16 @@ class SyntheticOHLCV:
         return self.symbols
 
     def fetch(self, start: datetime, end: datetime) -> pl.DataFrame:
-        return pl.concat([_window(self._market.ohlcv(s), "ts", start, end) for s in self.symbols])
+        frames = []
+        for s in self.symbols:
+            first_day = datetime.combine(start.date(), datetime.min.time())
+            days = _window(
+                self._market.ohlcv(s), "ts", first_day, max(end, first_day + timedelta(1))
+            )
+            if self.timeframe != "1d":
+                days = _intraday(days, SYMBOLS[s], _MINUTES[self.timeframe], self.seed, _STREAM[s])
+            frames.append(days.filter((pl.col("ts") >= start) & (pl.col("ts") < end)))
+        return pl.concat(frames)
 
 
 @register("onchain", "synthetic")
@@ -295,6 +317,55 @@ class SyntheticMacro:
     def fetch(self, start: datetime, end: datetime) -> pl.DataFrame:
         m = self._market.macro.filter(pl.col("series").is_in(list(self.series)))
         return _window(m, "date", start, end)
+
+
+def _intraday(
+    days: pl.DataFrame, spec: SymbolSpec, step: int, seed: int, stream: int
+) -> pl.DataFrame:
+    """Bars of `step` minutes for each daily bar: a Brownian bridge from its open to its close.
+
+    Each day draws from its own generator (seeded by seed, symbol and date), so any window of
+    intraday bars is the same as the slice of a larger one.
+    """
+    first, length = _SESSION[spec.kind]
+    m = -(-length // step)  # a last partial bar covers the end of a stock session
+    n_days = days.height
+    if n_days == 0:
+        return days
+    day_index = (days["ts"].dt.epoch("d") - int(np.datetime64(ORIGIN, "D").astype(int))).to_numpy()
+    z = np.empty((n_days, m))
+    u = np.empty((n_days, m, 3))
+    for i, d in enumerate(day_index):
+        rng = np.random.default_rng([seed, stream, 7, int(d)])
+        z[i] = rng.standard_normal(m)
+        u[i] = rng.random((m, 3))
+    lo_open = np.log(days["open"].to_numpy())[:, None]
+    lo_close = np.log(days["close"].to_numpy())[:, None]
+    sigma = spec.daily_vol / np.sqrt(m)
+    walk = np.cumsum(z, axis=1) * sigma
+    frac = np.arange(1, m + 1) / m
+    path = lo_open + frac * (lo_close - lo_open) + walk - frac * walk[:, -1:]
+    opens = np.exp(np.concatenate([lo_open, path[:, :-1]], axis=1))
+    closes = np.exp(path)
+    wick = sigma * 0.5
+    highs = np.maximum(opens, closes) * np.exp(u[:, :, 0] * wick)
+    lows = np.minimum(opens, closes) * np.exp(-u[:, :, 1] * wick)
+    weights = np.exp(u[:, :, 2] * 2.0)
+    volume = days["volume"].to_numpy()[:, None] * weights / weights.sum(axis=1, keepdims=True)
+    day_start = days["ts"].to_numpy().astype("datetime64[m]")[:, None]
+    offsets = (first + step * np.arange(m)).astype("timedelta64[m]")
+    ts = (day_start + offsets).ravel().astype("datetime64[us]")
+    return pl.DataFrame(
+        {
+            "symbol": days["symbol"][0],
+            "ts": pl.Series(ts),
+            "open": opens.ravel(),
+            "high": highs.ravel(),
+            "low": lows.ravel(),
+            "close": closes.ravel(),
+            "volume": volume.ravel(),
+        }
+    )
 
 
 @functools.lru_cache(maxsize=4)
