@@ -81,8 +81,13 @@ class FileOHLCV:
                 f"file {self._file}: cannot read bars for [{start:%Y-%m-%d %H:%M}, "
                 f"{end:%Y-%m-%d %H:%M}) ({self._layout} layout): {exc}"
             ) from exc
-        # Missing prices are gaps in the file (the 1-minute CSV has many): never filled.
-        return df.drop_nulls(list(_PRICES)).with_columns(pl.col("volume").fill_null(0.0))
+        # Missing prices (empty or NaN) are gaps in the file, as in the 1-minute CSV: never filled.
+        numeric = [*_PRICES, "volume"]
+        return (
+            df.with_columns(pl.col(numeric).fill_nan(None))
+            .drop_nulls(list(_PRICES))
+            .with_columns(pl.col("volume").fill_null(0.0))
+        )
 
 
 def _open(file: Path, volume_column: str) -> tuple[pl.LazyFrame, str]:
