@@ -41,7 +41,11 @@ class MarketSourcesResource(dg.ConfigurableResource):
 
     ohlcv_source: str = Field(default="synthetic", description="synthetic | file | ccxt | yfinance")
     symbols: list[str] = Field(default_factory=lambda: list(SYMBOLS))
-    timeframe: str = Field(default="1d", description="Bar size fetched: 1d, 1h or 1m")
+    timeframe: str = Field(
+        default="",
+        description="Bar size fetched: 1d, 1h or 1m; empty: the source's default "
+        "(1d, or what a file holds)",
+    )
     exchange: str = Field(default="binance", description="ccxt exchange id")
     ohlcv_path: str = Field(default="", description="CSV/Parquet file for ohlcv_source=file")
     auto_adjust: bool = Field(default=True, description="yfinance: split/dividend-adjusted prices")
@@ -90,6 +94,7 @@ class MarketSourcesResource(dg.ConfigurableResource):
                 },
             ),
         }[table]
+        options = {k: v for k, v in options.items() if v != ""}  # unset: the source's default
         return make_source(table, name, **accepted_options(table, name, options))
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:

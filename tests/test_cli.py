@@ -116,3 +116,33 @@ def test_webserver_serves_the_graph_on_localhost(tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
         proc.stderr.close()
+
+
+@pytest.mark.slow
+def test_two_cli_runs_writing_different_partitions_at_once_both_succeed(tmp_path):
+    env = _env(tmp_path)
+    procs = [
+        subprocess.Popen(
+            [
+                str(BIN / "dagster"),
+                "asset",
+                "materialize",
+                "-m",
+                "pipelines.definitions",
+                "--select",
+                "ohlcv_bars,onchain_metrics,macro_series",
+                "--partition",
+                day,
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for day in ("2024-01-02", "2024-01-03")
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errors]
+    wh = Warehouse(DataPaths.at(env["MAMBACAST_DATA_DIR"]))
+    assert wh.count("ohlcv") == 6 and wh.count("macro") == 8 and wh.count("onchain") == 2

@@ -202,3 +202,46 @@ def test_an_invalid_label_threshold_fails_before_labels_are_written(built, tmp_p
         )
     assert "down < 0 < up" in _messages(failure.value)
     assert sorted((p, p.stat().st_mtime_ns) for p in labels_dir.rglob("*.parquet")) == before
+
+
+def test_the_ohlcv_source_is_chosen_through_run_config(tmp_path):
+    """A 1-minute Parquet file, picked by resource config, fills all three bar tables."""
+    root = tmp_path / "data"
+    start = datetime(2021, 1, 1)
+    ts = pl.datetime_range(start, datetime(2021, 1, 3), "1m", closed="left", eager=True)
+    n = ts.len()
+    price = pl.Series(range(n), dtype=pl.Float64) * 0.01 + 100
+    path = tmp_path / "btc_1m.parquet"
+    pl.DataFrame(
+        {
+            "ts": ts,
+            "open": price,
+            "high": price + 1,
+            "low": price - 1,
+            "close": price,
+            "volume": 1.0,
+        }
+    ).write_parquet(path)
+    config = {
+        "resources": {
+            "sources": {
+                "config": {"ohlcv_source": "file", "ohlcv_path": str(path), "symbols": ["BTC-USD"]}
+            }
+        }
+    }
+    result = dg.materialize(
+        [*ALL_ASSETS, *QUALITY_CHECKS],
+        selection=["ohlcv_bars"],
+        resources={
+            "warehouse": default_resources(str(root))["warehouse"],
+            "sources": MarketSourcesResource.configure_at_launch(),
+        },
+        run_config=config,
+        tags=_range_tags("2021-01-01", "2021-01-02"),
+    )
+    assert result.success
+    md = result.asset_materializations_for_node("ohlcv_bars")[0].metadata
+    assert md["timeframe"].value == "1m" and md["source"].value == "file"
+    assert md["rows_written"].value == {"ohlcv_1m": 2880, "ohlcv_1h": 48, "ohlcv": 2}
+    wh = Warehouse(DataPaths.at(root))
+    assert (wh.count("ohlcv_1m"), wh.count("ohlcv_1h"), wh.count("ohlcv")) == (2880, 48, 2)
