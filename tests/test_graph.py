@@ -12,7 +12,7 @@ from pipelines.definitions import ALL_ASSETS, default_resources
 from pipelines.report import report
 from pipelines.resources import MarketSourcesResource
 from warehouse import ArtifactStore, DataPaths, Lake, Warehouse
-from warehouse.sources.base import register
+from warehouse.sources.base import SourceFetchError, register
 from warehouse.sources.synthetic import SyntheticOHLCV
 
 START, END = "2018-01-01", "2021-12-31"
@@ -245,3 +245,36 @@ def test_the_ohlcv_source_is_chosen_through_run_config(tmp_path):
     assert md["rows_written"].value == {"ohlcv_1m": 2880, "ohlcv_1h": 48, "ohlcv": 2}
     wh = Warehouse(DataPaths.at(root))
     assert (wh.count("ohlcv_1m"), wh.count("ohlcv_1h"), wh.count("ohlcv")) == (2880, 48, 2)
+
+
+@register("macro", "truncated-test")
+@dataclass
+class _TruncatedMacro:
+    """A macro source whose payload arrives cut off: it must fail before any write."""
+
+    series: tuple[str, ...] = ("DGS10",)
+    name: str = "truncated-test"
+    table: str = "macro"
+
+    @property
+    def entities(self) -> tuple[str, ...]:
+        return self.series
+
+    def fetch(self, start, end):
+        raise SourceFetchError(
+            f"truncated-test: payload for DGS10 [{start:%Y-%m-%d}, {end:%Y-%m-%d}) ended mid-record"
+        )
+
+
+def test_a_failed_fetch_leaves_the_warehouse_as_it_was(built, tmp_path):
+    root, _ = built
+    wh = Warehouse(DataPaths.at(root))
+    before = wh.read("macro")
+    resources = {
+        **default_resources(str(root)),
+        "sources": MarketSourcesResource(macro_source="truncated-test"),
+    }
+    with pytest.raises(Exception) as failure:
+        _run(root, selection=["macro_series"], partition_key="2020-06-15", resources=resources)
+    assert "ended mid-record" in _messages(failure.value)
+    assert wh.read("macro").equals(before)
