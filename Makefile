@@ -58,6 +58,7 @@ lint: setup
 	$(BIN)/ruff format --check .
 
 bench: setup instance
+	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/pipeline.py
 
 clean:
