@@ -35,9 +35,11 @@ instance: $(DAGSTER_HOME)/dagster.yaml
 		'DAGSTER_HOME=$${DAGSTER_HOME:-$(DAGSTER_HOME)}' \
 		'DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS=true' > .env
 
-$(DAGSTER_HOME)/dagster.yaml: pipelines/dagster.yaml
+$(DAGSTER_HOME)/dagster.yaml: pipelines/dagster.yaml | setup
 	mkdir -p $(DAGSTER_HOME)
 	cp $< $@
+	# Create the SQLite schemas now: two runs starting at once on a fresh instance would race.
+	$(BIN)/dagster instance migrate > /dev/null
 
 ## demo: set up, materialize every asset over ten years of the synthetic market, print results
 demo: setup instance

@@ -39,6 +39,12 @@ def main() -> None:
         "DAGSTER_HOME": str(home),
         "DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS": "true",
     }
+    subprocess.run(
+        [str(Path(sys.executable).parent / "dagster"), "instance", "migrate"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     cmd = [
         str(Path(sys.executable).parent / "dagster"),
         "asset",

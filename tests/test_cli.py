@@ -23,12 +23,21 @@ def _env(tmp_path: Path) -> dict[str, str]:
     home = tmp_path / "data" / "dagster_home"
     home.mkdir(parents=True)
     shutil.copy(ROOT / "pipelines" / "dagster.yaml", home / "dagster.yaml")
-    return {
+    env = {
         **os.environ,
         "MAMBACAST_DATA_DIR": str(tmp_path / "data"),
         "DAGSTER_HOME": str(home),
         "DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS": "true",
     }
+    # as `make instance` does: create the storage schemas before runs can start concurrently
+    subprocess.run(
+        [str(BIN / "dagster"), "instance", "migrate"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return env
 
 
 @pytest.mark.slow
@@ -143,6 +152,6 @@ def test_two_cli_runs_writing_different_partitions_at_once_both_succeed(tmp_path
         for day in ("2024-01-02", "2024-01-03")
     ]
     errors = [p.communicate(timeout=300)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for e in errors]
+    assert [p.returncode for p in procs] == [0, 0], [e[-6000:] for e in errors]
     wh = Warehouse(DataPaths.at(env["MAMBACAST_DATA_DIR"]))
     assert wh.count("ohlcv") == 6 and wh.count("macro") == 8 and wh.count("onchain") == 2

@@ -33,7 +33,20 @@ class Source(Protocol):
         ...
 
 
-BUILTIN_MODULES = ("synthetic", "files")
+# Built-in connectors by (table, name) -> the module that registers them. A module is imported
+# only when its source is asked for: ccxt, yfinance and fredapi take seconds to import.
+BUILTIN_SOURCES = {
+    ("ohlcv", "synthetic"): "synthetic",
+    ("ohlcv", "file"): "files",
+    ("ohlcv", "ccxt"): "exchange",
+    ("ohlcv", "yfinance"): "yahoo",
+    ("onchain", "synthetic"): "synthetic",
+    ("onchain", "coinmetrics"): "coinmetrics",
+    ("onchain", "coinmetrics_csv"): "coinmetrics",
+    ("macro", "synthetic"): "synthetic",
+    ("macro", "fred"): "fred",
+    ("macro", "fred_file"): "fred",
+}
 
 _REGISTRY: dict[str, dict[str, Callable[..., Source]]] = {"ohlcv": {}, "onchain": {}, "macro": {}}
 
@@ -46,22 +59,22 @@ def register(table: str, name: str) -> Callable[[Callable[..., Source]], Callabl
     return deco
 
 
-def _load_builtins() -> None:
-    for module in BUILTIN_MODULES:  # importing a connector module registers it
-        importlib.import_module(f"warehouse.sources.{module}")
+def _factory(table: str, name: str) -> Callable[..., Source] | None:
+    if name not in _REGISTRY.get(table, {}) and (table, name) in BUILTIN_SOURCES:
+        importlib.import_module(f"warehouse.sources.{BUILTIN_SOURCES[table, name]}")
+    return _REGISTRY.get(table, {}).get(name)
 
 
 def registered_sources(table: str) -> list[str]:
-    _load_builtins()
-    return sorted(_REGISTRY[table])
+    builtin = {n for t, n in BUILTIN_SOURCES if t == table}
+    return sorted(builtin | set(_REGISTRY.get(table, {})))
 
 
 def make_source(table: str, name: str, **options: Any) -> Source:
     """Build the connector `name` for `table`, validating its options (symbols, seed, ...)."""
-    _load_builtins()
     if table not in _REGISTRY:
         raise SourceError(f"Unknown table {table!r}; sources exist for {sorted(_REGISTRY)}")
-    factory = _REGISTRY[table].get(name)
+    factory = _factory(table, name)
     if factory is None:
         raise SourceError(
             f"Unknown {table} source {name!r}; available: {registered_sources(table)}"
@@ -71,8 +84,7 @@ def make_source(table: str, name: str, **options: Any) -> Source:
 
 def accepted_options(table: str, name: str, options: dict[str, Any]) -> dict[str, Any]:
     """The subset of `options` that source `name` takes (each connector ignores the others')."""
-    _load_builtins()
-    factory = _REGISTRY.get(table, {}).get(name)
+    factory = _factory(table, name)
     if factory is None:
         return options  # make_source will name the unknown source
     params = inspect.signature(factory).parameters

@@ -1,0 +1,398 @@
+"""The forecaster: Mamba2 + GatedMLP blocks, optional sparse attention, multi-task heads, loss.
+
+    x (B, L, n_features) -> input_proj -> n_layers x Block -> norm_f -> heads
+
+A Block is two pre-norm residual sublayers, x + mixer(norm(x)) then x + mlp(norm2(x)), where the
+mixer is a Mamba2 layer, or every `attn_every`-th layer a causal multi-head self-attention over
+a sliding window of `attn_window` past positions. Every mixer takes and returns its recurrent
+state (Mamba2: conv and SSM state; attention: the last `attn_window` keys and values), so a long
+series runs in chunks exactly as it would run whole, and `Forecaster.step` streams one bar at a
+time with the same outputs.
+
+Heads, per position: 3 direction logits (down, flat, up over the direction horizon), the p10 and
+p90 of the forward return over that horizon (non-crossing by construction), sigma (forward
+realized volatility, positive) and one forward log return per horizon.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ml.mamba2 import Backend, Mamba2, Mamba2Config, Mamba2State
+
+TASKS = ("direction", "quantiles", "sigma", "returns")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    n_features: int
+    d_model: int = 256
+    n_layers: int = 4
+    # Mamba2 mixer
+    d_state: int = 64
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 64
+    ngroups: int = 1
+    chunk_size: int = 64
+    backend: Backend = "auto"
+    # SwiGLU MLP; None: 8/3 * d_model rounded up to a multiple of 16 (the FLOPs of a 4x MLP)
+    mlp_hidden: int | None = None
+    # sparse attention: 0 = none; N = layers N-1, 2N-1, ... mix with attention
+    attn_every: int = 0
+    attn_heads: int = 4
+    attn_window: int = 256  # past positions each query sees, besides its own
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    # heads
+    horizons: tuple[int, ...] = (1, 5, 10, 30, 90)
+    quantiles: tuple[float, ...] = (0.1, 0.9)
+    n_direction_classes: int = 3
+
+    def __post_init__(self) -> None:
+        if self.attn_every and self.d_model % self.attn_heads != 0:
+            raise ValueError(
+                f"d_model={self.d_model} must be a multiple of attn_heads={self.attn_heads}"
+            )
+        if self.attn_every < 0 or self.attn_window < 0:
+            raise ValueError(
+                f"attn_every and attn_window must be >= 0; got {self.attn_every}, "
+                f"{self.attn_window}"
+            )
+        if list(self.quantiles) != sorted(self.quantiles) or not all(
+            0 < q < 1 for q in self.quantiles
+        ):
+            raise ValueError(
+                f"quantiles must be increasing and inside (0, 1); got {self.quantiles}"
+            )
+        self.mamba2()  # validates the mixer's shapes now, not at first use
+
+    @classmethod
+    def preset(cls, name: str, n_features: int, **overrides: Any) -> BackboneConfig:
+        """A named preset (see PRESETS) for `n_features` inputs, with fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(n_features=n_features, **{**PRESETS[name], **overrides})
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        return 16 * math.ceil(8 * self.d_model / 3 / 16)
+
+    def is_attention_layer(self, index: int) -> bool:
+        return self.attn_every > 0 and (index + 1) % self.attn_every == 0
+
+    def mamba2(self) -> Mamba2Config:
+        return Mamba2Config(
+            d_model=self.d_model,
+            d_state=self.d_state,
+            d_conv=self.d_conv,
+            expand=self.expand,
+            headdim=self.headdim,
+            ngroups=self.ngroups,
+            chunk_size=self.chunk_size,
+            norm_eps=self.norm_eps,
+            backend=self.backend,
+        )
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "baseline": {"d_model": 256, "n_layers": 4},
+    "sparse_mhsa": {"d_model": 256, "n_layers": 6, "attn_every": 3, "attn_window": 256},
+    "tiny": {"d_model": 32, "n_layers": 2, "d_state": 16, "headdim": 16, "chunk_size": 32},
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Sublayers
+# --------------------------------------------------------------------------------------------
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU: fc2(a * silu(gate)) with [a, gate] = fc1(x) (mamba_ssm's GatedMLP names)."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.fc1(x).chunk(2, dim=-1)  # (..., hidden) each
+        return self.fc2(a * F.silu(gate))
+
+
+@dataclass(frozen=True)
+class AttentionState:
+    """The sliding key/value window: k, v (B, heads, W, head_dim) with W <= attn_window."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def detach(self) -> AttentionState:
+        return AttentionState(self.k.detach(), self.v.detach())
+
+
+LayerState = Mamba2State | AttentionState
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal multi-head self-attention over the current chunk and a carried window.
+
+    The query at position t sees the keys at t - window .. t. Keys and values of the previous
+    `window` positions arrive in the state, so a chunk's first queries see the end of the
+    previous chunk exactly as they would in one long forward pass. No positional encoding:
+    the Mamba2 layers below already encode order (as in Jamba-style hybrids).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, window: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.window = window
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def init_state(
+        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> AttentionState:
+        """An empty window."""
+        device = device if device is not None else self.qkv.weight.device
+        dtype = dtype if dtype is not None else self.qkv.weight.dtype
+        empty = torch.zeros(batch, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)
+        return AttentionState(empty, empty)
+
+    def forward(
+        self, x: torch.Tensor, state: AttentionState | None = None
+    ) -> tuple[torch.Tensor, AttentionState]:
+        """x: (B, L, d_model) -> (B, L, d_model) and the window after the last position."""
+        batch, seqlen, d_model = x.shape
+        if state is None:
+            state = self.init_state(batch, x.device, x.dtype)
+        q, k, v = self.qkv(x).split(d_model, dim=-1)  # (B, L, D) each
+        q, k, v = (
+            t.unflatten(-1, (self.n_heads, self.head_dim)).transpose(1, 2) for t in (q, k, v)
+        )
+        k = torch.cat([state.k.to(k.dtype), k], dim=2)  # (B, nh, W + L, hd)
+        v = torch.cat([state.v.to(v.dtype), v], dim=2)  # (B, nh, W + L, hd)
+        past = state.k.size(2)
+        # lag = how many positions key j lies behind query i; allowed: 0 <= lag <= window
+        lag = (
+            torch.arange(seqlen, device=x.device)[:, None]
+            + past
+            - torch.arange(past + seqlen, device=x.device)[None, :]
+        )  # (L, W + L)
+        mask = (lag >= 0) & (lag <= self.window)  # True = attend; the diagonal is always True
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, L, hd)
+        y = self.out_proj(y.transpose(1, 2).flatten(-2))  # (B, L, D)
+        keep = max(k.size(2) - self.window, 0)
+        return y, AttentionState(k[:, :, keep:], v[:, :, keep:])
+
+
+class Block(nn.Module):
+    """x + mixer(norm(x)), then x + mlp(norm2(x)); the mixer is Mamba2 or attention."""
+
+    def __init__(self, cfg: BackboneConfig, index: int) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mixer: Mamba2 | CausalSelfAttention
+        if cfg.is_attention_layer(index):
+            self.mixer = CausalSelfAttention(cfg.d_model, cfg.attn_heads, cfg.attn_window)
+        else:
+            self.mixer = Mamba2(cfg.mamba2())
+        self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = GatedMLP(cfg.d_model, cfg.mlp_hidden_size)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def init_state(
+        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> LayerState:
+        return self.mixer.init_state(batch, device, dtype)
+
+    def forward(
+        self, x: torch.Tensor, state: LayerState | None = None
+    ) -> tuple[torch.Tensor, LayerState]:
+        """x: (B, L, d_model) -> (B, L, d_model) and the mixer's new state."""
+        h, state = self.mixer(self.norm(x), state)
+        x = x + self.dropout(h)
+        x = x + self.dropout(self.mlp(self.norm2(x)))
+        return x, state
+
+    def step(self, x_t: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
+        """x_t: (B, d_model), one position."""
+        if isinstance(self.mixer, Mamba2):
+            h, state = self.mixer.step(self.norm(x_t), state)
+        else:  # attention over a one-position chunk costs O(window), not O(t)
+            h, state = self.mixer(self.norm(x_t)[:, None], state)
+            h = h[:, 0]
+        x_t = x_t + self.dropout(h)
+        return x_t + self.dropout(self.mlp(self.norm2(x_t))), state
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+class Forecaster(nn.Module):
+    """Features -> per-position forecasts, carrying a list of per-layer states.
+
+    outputs: direction (..., n_classes) logits, quantiles (..., Q) increasing along the last
+    axis, sigma (...) > 0, returns (..., n_horizons); "..." is (B, L) in forward, (B,) in step.
+    """
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.input_proj = nn.Linear(cfg.n_features, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm_f = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.direction_head = nn.Linear(cfg.d_model, cfg.n_direction_classes)
+        self.quantile_head = nn.Linear(cfg.d_model, len(cfg.quantiles))
+        self.sigma_head = nn.Linear(cfg.d_model, 1)
+        self.return_head = nn.Linear(cfg.d_model, len(cfg.horizons))
+
+    def init_state(
+        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> list[LayerState]:
+        """Zero Mamba2 states and empty attention windows, one per layer."""
+        return [block.init_state(batch, device, dtype) for block in self.blocks]
+
+    def _heads(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.norm_f(h)  # (..., D)
+        raw_q = self.quantile_head(h)  # (..., Q)
+        # q_0 free, q_k = q_{k-1} + softplus(.): quantiles cannot cross
+        quantiles = torch.cat(
+            [raw_q[..., :1], raw_q[..., :1] + torch.cumsum(F.softplus(raw_q[..., 1:]), -1)], -1
+        )
+        return {
+            "direction": self.direction_head(h),
+            "quantiles": quantiles,
+            "sigma": F.softplus(self.sigma_head(h)[..., 0]) + 1e-6,
+            "returns": self.return_head(h),
+        }
+
+    def forward(
+        self, x: torch.Tensor, state: list[LayerState] | None = None
+    ) -> tuple[dict[str, torch.Tensor], list[LayerState]]:
+        """x: (B, L, n_features) -> outputs over (B, L) and the state after the last position."""
+        if state is None:
+            state = [None] * len(self.blocks)  # type: ignore[list-item]
+        if len(state) != len(self.blocks):
+            raise ValueError(f"state has {len(state)} layers; the model has {len(self.blocks)}")
+        h = self.input_proj(x)  # (B, L, D)
+        new_state = []
+        for block, s in zip(self.blocks, state, strict=True):
+            h, s = block(h, s)
+            new_state.append(s)
+        return self._heads(h), new_state
+
+    def step(
+        self, x_t: torch.Tensor, state: list[LayerState]
+    ) -> tuple[dict[str, torch.Tensor], list[LayerState]]:
+        """One bar: x_t (B, n_features) -> outputs over (B,), equal to forward at that position."""
+        h = self.input_proj(x_t)  # (B, D)
+        new_state = []
+        for block, s in zip(self.blocks, state, strict=True):
+            h, s = block.step(h, s)
+            new_state.append(s)
+        return self._heads(h), new_state
+
+
+def detach_state(state: list[LayerState]) -> list[LayerState]:
+    """The state cut from the autograd graph, for truncated BPTT."""
+    return [s.detach() for s in state]
+
+
+# --------------------------------------------------------------------------------------------
+# Loss
+# --------------------------------------------------------------------------------------------
+
+
+def _masked_mean(loss: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean of loss over mask, number of valid elements); 0 when nothing is valid."""
+    n = mask.sum()
+    return (loss * mask).sum() / n.clamp(min=1), n
+
+
+class MultiTaskLoss(nn.Module):
+    """Uncertainty-weighted multi-task loss (Kendall, Gal & Cipolla, 2018).
+
+    total = sum over tasks of exp(-s_k) * L_k + s_k, with learned log variances s_k.
+    - direction: cross-entropy on the logits.
+    - quantiles: pinball loss of each predicted quantile against the realized forward return.
+    - sigma: QLIKE on variances, r - log(r) - 1 with r = sigma_true^2 / sigma_pred^2; the
+      standard volatility-forecast loss (Patton, 2011): minimized at sigma_pred = sigma_true,
+      robust to noisy targets, and it weighs under-prediction more than over-prediction.
+    - returns: Huber loss per horizon (forward returns are heavy-tailed).
+    targets: any subset of {"direction" (B, L), "quantiles" (B, L), "sigma" (B, L),
+    "returns" (B, L, n_horizons)}. NaN entries (and direction < 0) are ignored element by
+    element; a task with no valid element adds nothing, not even its s_k.
+    """
+
+    def __init__(self, quantiles: tuple[float, ...] = (0.1, 0.9), huber_delta: float = 0.1) -> None:
+        super().__init__()
+        self.quantiles = tuple(quantiles)
+        self.huber_delta = huber_delta
+        self.log_vars = nn.Parameter(torch.zeros(len(TASKS)))  # s_k, in TASKS order
+
+    def task_losses(
+        self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """task -> (masked mean loss, number of valid target elements)."""
+        parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if "direction" in targets:
+            t = targets["direction"]
+            valid = torch.isfinite(t) & (t >= 0) if t.is_floating_point() else t >= 0
+            logits = outputs["direction"]  # (B, L, K)
+            ce = F.cross_entropy(
+                logits.flatten(0, -2), torch.where(valid, t, 0).long().flatten(), reduction="none"
+            )
+            parts["direction"] = _masked_mean(ce, valid.flatten())
+        if "quantiles" in targets:
+            t = targets["quantiles"]
+            valid = torch.isfinite(t)
+            pred = outputs["quantiles"]  # (B, L, Q)
+            tau = torch.tensor(self.quantiles, device=pred.device, dtype=pred.dtype)
+            err = torch.where(valid, t, 0)[..., None] - pred  # (B, L, Q)
+            pinball = torch.maximum(tau * err, (tau - 1) * err)
+            parts["quantiles"] = _masked_mean(pinball, valid[..., None].expand_as(pinball))
+        if "sigma" in targets:
+            t = targets["sigma"]
+            valid = torch.isfinite(t) & (t > 0)  # QLIKE needs a positive realized volatility
+            log_ratio = 2 * (torch.log(torch.where(valid, t, 1.0)) - torch.log(outputs["sigma"]))
+            qlike = torch.exp(log_ratio) - log_ratio - 1
+            parts["sigma"] = _masked_mean(qlike, valid)
+        if "returns" in targets:
+            t = targets["returns"]
+            valid = torch.isfinite(t)
+            huber = F.huber_loss(
+                outputs["returns"],
+                torch.where(valid, t, 0),
+                reduction="none",
+                delta=self.huber_delta,
+            )
+            parts["returns"] = _masked_mean(huber, valid)
+        return parts
+
+    def forward(
+        self, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total loss, {task: its unweighted masked mean loss}) for the tasks in targets."""
+        total = self.log_vars.new_zeros(())
+        parts = {}
+        for name, (loss, n_valid) in self.task_losses(outputs, targets).items():
+            s = self.log_vars[TASKS.index(name)]
+            total = total + torch.where(n_valid > 0, torch.exp(-s) * loss + s, 0.0)
+            parts[name] = loss
+        return total, parts
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
