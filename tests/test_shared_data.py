@@ -70,3 +70,32 @@ def test_rerunning_a_file_ingest_adds_no_rows(warehouse):
     again = [r.rows_after for r in _ingest_all(warehouse, src)]
     assert first == again and first[0] == 68881
     assert warehouse.read("ohlcv_1h").select(pl.col("ts").is_duplicated().any()).item() is False
+
+
+def test_coinmetrics_csv_file(warehouse):
+    src = make_source(
+        "onchain", "coinmetrics_csv", path=str(SHARED_DATA / "btc_onchain_daily_coinmetrics.csv")
+    )
+    start, end = datetime(2009, 1, 1), datetime(2025, 7, 1)
+    res = warehouse.replace_window(
+        "onchain", src.fetch(start, end), start, end, src.entities, src.name
+    )
+    assert res.rows_after == 6023
+    s = warehouse.summary("onchain").row(0, named=True)
+    assert (s["first"].isoformat(), s["last"].isoformat()) == ("2009-01-03", "2025-06-30")
+    recent = warehouse.read("onchain", datetime(2024, 1, 1), end)
+    assert recent["hash_rate"].null_count() == 0 and recent["difficulty"].null_count() == 0
+
+
+def test_fred_wide_file(warehouse):
+    src = make_source("macro", "fred_file", path=str(SHARED_DATA / "macro_fred_daily.csv"))
+    start, end = datetime(1962, 1, 1), datetime(2025, 7, 1)
+    res = warehouse.replace_window(
+        "macro", src.fetch(start, end), start, end, src.entities, src.name
+    )
+    assert res.rows_after == 45277
+    macro = warehouse.read("macro")
+    assert (macro["published"] > macro["date"]).all()
+    dgs10 = macro.filter(pl.col("series") == "DGS10")
+    assert dgs10["date"].min().isoformat() == "1962-01-02"
+    assert dgs10["date"].max().isoformat() == "2025-06-30"
