@@ -305,11 +305,6 @@ class Forecaster(nn.Module):
         return self._heads(h), new_state
 
 
-def detach_state(state: list[LayerState]) -> list[LayerState]:
-    """The state cut from the autograd graph, for truncated BPTT."""
-    return [s.detach() for s in state]
-
-
 # --------------------------------------------------------------------------------------------
 # Loss
 # --------------------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ from ml.backbone import (
     Forecaster,
     MultiTaskLoss,
     count_parameters,
-    detach_state,
 )
 from ml.mamba2 import Mamba2State
+from ml.state import detach_state
 
 ATOL = 1e-5
 
