@@ -6,7 +6,7 @@ import dagster as dg
 import polars as pl
 
 from assets.metadata import png_md, table_md
-from assets.training import SPLIT, predictions
+from assets.training import MODELS, SPLIT, predictions
 from ml.backtest import BacktestConfig, plot_equity, run_backtest
 from pipelines.partitions import SINGLE_RUN
 from pipelines.resources import WarehouseResource
@@ -26,7 +26,7 @@ class BacktestSettings(dg.Config):
     kinds={"polars", "matplotlib"},
     code_version="1",
     backfill_policy=SINGLE_RUN,
-    description="Long/flat/short from p_up - p_down, executed at the next bar's open with "
+    description="For LightGBM and Mamba2: long/flat/short from p_up - p_down, executed at the next bar's open with "
     "fees and slippage, against buy-and-hold and momentum on the same bars.",
 )
 def backtest(
@@ -44,19 +44,23 @@ def backtest(
                 "ts",
                 "open",
                 "close",
-                pl.col("model_p_down").alias("p_down"),
-                pl.col("model_p_up").alias("p_up"),
+                *[f"{m}_p_{c}" for m in MODELS for c in ("down", "up")],
             ]
         )
     )
-    paths, metrics = run_backtest(preds, cfg)
+    paths, metrics = run_backtest(preds, cfg, forecasters=MODELS)
     version = content_version(
-        "backtest", pmeta["model_version"], cfg.__dict__, frame_fingerprint(preds)
+        "backtest",
+        pmeta["model_version"],
+        pmeta["mamba2_version"],
+        cfg.__dict__,
+        frame_fingerprint(preds),
     )
     fig = plot_equity(
         paths,
         f"Test period, after {cfg.fee_bps:g} bps fees + "
-        f"{cfg.slippage_bps:g} bps slippage (model {pmeta['model_version']})",
+        f"{cfg.slippage_bps:g} bps slippage (LightGBM {pmeta['model_version']}, "
+        f"Mamba2 {pmeta['mamba2_version']})",
     )
 
     def write(folder):
@@ -70,16 +74,21 @@ def backtest(
         SPLIT,
         version,
         write,
-        {"model_version": pmeta["model_version"], "config": cfg.__dict__},
+        {
+            "model_version": pmeta["model_version"],
+            "mamba2_version": pmeta["mamba2_version"],
+            "config": cfg.__dict__,
+        },
     )
     context.log.info(
         f"backtest {version}:\n{metrics.select(['symbol', 'strategy', 'sharpe', 'cagr', 'max_drawdown'])}"
     )
-    model_rows = metrics.filter(pl.col("strategy") == "model")
+    sharpe = {m: float(metrics.filter(pl.col("strategy") == m)["sharpe"].mean()) for m in MODELS}
     return dg.MaterializeResult(
         metadata={
             "backtest_version": version,
             "model_version": pmeta["model_version"],
+            "mamba2_version": pmeta["mamba2_version"],
             "path": dg.MetadataValue.path(str(art.path)),
             "plot_path": dg.MetadataValue.path(str(art.path / "equity.png")),
             "metrics": table_md(
@@ -99,7 +108,7 @@ def backtest(
                 ),
                 rows=50,
             ),
-            "mean_model_sharpe": float(model_rows["sharpe"].mean()),
+            **{f"mean_{m}_sharpe": v for m, v in sharpe.items()},
             "equity_curve": png_md(fig, "equity curves"),
         }
     )

@@ -1,6 +1,7 @@
 """Training: the split dataset, the model artifact, out-of-sample predictions and evaluation."""
 
 import json
+import sys
 
 import dagster as dg
 import numpy as np
@@ -8,6 +9,7 @@ import polars as pl
 
 from assets.features import features, labels
 from assets.metadata import frame_summary, table_md
+from ml.backbone import PRESETS
 from ml.baselines import Persistence, climatology
 from ml.dataset import TEST, TRAIN, VAL, SplitConfig, assign_splits, split_boundaries
 from ml.gbm import DirectionGBM, GBMConfig, config_dict
@@ -175,14 +177,56 @@ def model(
     )
 
 
+class MambaSettings(dg.Config):
+    preset: str = "tiny"  # tiny (CPU demo), baseline, sparse_mhsa
+    epochs: int = 8
+    tbptt_len: int = 128
+    lr: float = 2e-3
+    seed: int = 7
+    device: str = "auto"  # auto: CUDA when the training process sees a GPU
+
+
 @dg.asset(
-    deps=[model],
+    deps=[training_dataset],
     group_name="training",
-    kinds={"polars", "parquet"},
+    kinds={"pytorch"},
     code_version="1",
     backfill_policy=SINGLE_RUN,
-    description="Out-of-sample direction probabilities on the validation and test rows, "
-    "with the climatology and persistence baselines on the same rows.",
+    description="Mamba2 forecaster (direction, quantiles, sigma, returns) trained with "
+    "truncated BPTT in a separate process launched through Dagster Pipes; an immutable "
+    "versioned artifact with weights, config, scaler and out-of-sample predictions.",
+)
+def mamba_model(
+    context: dg.AssetExecutionContext,
+    config: MambaSettings,
+    warehouse: WarehouseResource,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+) -> dg.MaterializeResult:
+    if config.preset not in PRESETS:
+        raise dg.Failure(f"Unknown Mamba2 preset {config.preset!r}; use one of {sorted(PRESETS)}")
+    if config.epochs < 1 or config.tbptt_len < 1:
+        raise dg.Failure("epochs and tbptt_len must be >= 1")
+    lake = warehouse.lake()
+    lake.read_meta("training_dataset")  # fails with a clear message before launching
+    return pipes_subprocess_client.run(
+        command=[sys.executable, "-m", "pipelines.train_mamba"],
+        context=context,
+        extras={"data_dir": str(warehouse.paths.root), **config.model_dump()},
+    ).get_materialize_result()
+
+
+FORECASTERS = ("lightgbm", "mamba2", "climatology", "persistence")
+MODELS = ("lightgbm", "mamba2")  # the forecasters that are backtested
+
+
+@dg.asset(
+    deps=[model, mamba_model],
+    group_name="training",
+    kinds={"polars", "parquet"},
+    code_version="2",
+    backfill_policy=SINGLE_RUN,
+    description="Out-of-sample direction probabilities on the validation and test rows from "
+    "LightGBM and Mamba2, with the climatology and persistence baselines on the same rows.",
 )
 def predictions(
     context: dg.AssetExecutionContext, warehouse: WarehouseResource
@@ -190,20 +234,15 @@ def predictions(
     lake, store = warehouse.lake(), warehouse.artifacts()
     meta = lake.read_meta("training_dataset")
     data = lake.read("training_dataset")
-    art = store.latest("model", SPLIT)
-    if art.manifest["metadata"]["data_version"] != meta["version"]:
-        raise dg.Failure(
-            f"The latest model {art.version} was trained on data version "
-            f"{art.manifest['metadata']['data_version']}, but the training dataset is "
-            f"now {meta['version']}: materialize `model` again first."
-        )
+    art = _current(store.latest("model", SPLIT), meta, "model")
+    mamba = _current(store.latest("mamba2", SPLIT), meta, "mamba_model")
     target = art.manifest["metadata"]["target"]
     gbm = DirectionGBM.load(art.path)
     train = data.filter((pl.col("split") == TRAIN) & pl.col(target).is_not_null())
-    oos = data.filter(pl.col("split") != TRAIN)
+    oos = data.filter(pl.col("split") != TRAIN).sort(["symbol", "ts"])
     pers = Persistence(_label_config(meta)).fit(train, target)
     probs = {
-        "model": gbm.predict_proba(oos),
+        "lightgbm": gbm.predict_proba(oos),
         "climatology": climatology(train[target].to_numpy(), oos.height),
         "persistence": pers.predict_proba(oos),
     }
@@ -213,28 +252,73 @@ def predictions(
         for k, cls in enumerate(DIRECTION_CLASSES)
     }
     out = oos.select(["symbol", "ts", "split", "open", "close"]).with_columns(
-        **{k: pl.Series(v) for k, v in cols.items()}, model_version=pl.lit(art.version)
+        **{k: pl.Series(v) for k, v in cols.items()}
+    )
+    mamba_preds = pl.read_parquet(mamba.file("predictions.parquet")).drop("split")
+    mamba_preds = mamba_preds.rename(
+        {c: c.replace("mamba_", "mamba2_") for c in mamba_preds.columns if c.startswith("mamba_")}
+    )
+    out = out.join(mamba_preds, on=["symbol", "ts"], how="left")
+    missing = out.filter(pl.col("mamba2_p_up").is_null()).height
+    if missing:
+        raise dg.Failure(
+            f"Mamba2 artifact {mamba.version} lacks predictions for {missing} "
+            "out-of-sample rows: materialize `mamba_model` again."
+        )
+    out = out.with_columns(
+        lightgbm_version=pl.lit(art.version), mamba2_version=pl.lit(mamba.version)
     )
     lake.write_snapshot("predictions", out, time_column="ts")
     lake.write_meta(
         "predictions",
-        {"model_version": art.version, "data_version": meta["version"], "target": target},
+        {
+            "model_version": art.version,
+            "mamba2_version": mamba.version,
+            "data_version": meta["version"],
+            "target": target,
+        },
     )
     latest = (
         out.sort("ts")
         .group_by("symbol", maintain_order=True)
         .last()
-        .select(["symbol", "ts", "model_p_down", "model_p_flat", "model_p_up"])
+        .select(
+            [
+                "symbol",
+                "ts",
+                "lightgbm_p_down",
+                "lightgbm_p_up",
+                "mamba2_p_down",
+                "mamba2_p_up",
+                "mamba2_q_low",
+                "mamba2_q_high",
+            ]
+        )
     )
-    context.log.info(f"predictions: {out.height} out-of-sample rows from model {art.version}")
+    context.log.info(
+        f"predictions: {out.height} out-of-sample rows from LightGBM {art.version} "
+        f"and Mamba2 {mamba.version}"
+    )
     return dg.MaterializeResult(
         metadata={
             **frame_summary(out),
             "model_version": art.version,
+            "mamba2_version": mamba.version,
             "path": dg.MetadataValue.path(str(lake.table_dir("predictions"))),
             "latest_forecast": table_md(latest),
         }
     )
+
+
+def _current(art, meta: dict, asset: str):
+    """The artifact, if it was trained on the current training dataset."""
+    if art.manifest["metadata"]["data_version"] != meta["version"]:
+        raise dg.Failure(
+            f"The latest {art.kind} artifact {art.version} was trained on data version "
+            f"{art.manifest['metadata']['data_version']}, but the training dataset is now "
+            f"{meta['version']}: materialize `{asset}` again first."
+        )
+    return art
 
 
 @dg.asset(
@@ -265,16 +349,16 @@ def evaluation(
             f"Only {rows.height} labelled test rows: too few to evaluate. Ingest a longer range."
         )
     y = rows[target].to_numpy().astype(np.int64)
-    names = ("model", "climatology", "persistence")
+    names = FORECASTERS
     p = {n: rows.select([f"{n}_p_{c}" for c in DIRECTION_CLASSES]).to_numpy() for n in names}
     table = [{"forecaster": n, **classification_report(y, p[n])} for n in names]
-    ll_model = log_loss_per_row(y, p["model"])
     intervals = []
-    for base in ("climatology", "persistence"):
-        diff = ll_model - log_loss_per_row(y, p[base])
+    for name, base in [(m, b) for m in MODELS for b in ("climatology", "persistence")]:
+        diff = log_loss_per_row(y, p[name]) - log_loss_per_row(y, p[base])
         lo, hi = block_bootstrap_ci(diff, block=horizon)
         intervals.append(
             {
+                "model": name,
                 "baseline": base,
                 "mean_log_loss_diff": float(diff.mean()),
                 "ci95_low": lo,
@@ -283,7 +367,9 @@ def evaluation(
             }
         )
     metrics = pl.DataFrame(table)
-    version = content_version("evaluation", pmeta["model_version"], frame_fingerprint(rows))
+    version = content_version(
+        "evaluation", pmeta["model_version"], pmeta["mamba2_version"], frame_fingerprint(rows)
+    )
     art = store.write(
         "evaluation",
         SPLIT,
@@ -294,7 +380,11 @@ def evaluation(
                 indent=2,
             )
         ),
-        {"model_version": pmeta["model_version"], "test_rows": rows.height},
+        {
+            "model_version": pmeta["model_version"],
+            "mamba2_version": pmeta["mamba2_version"],
+            "test_rows": rows.height,
+        },
     )
     context.log.info(f"evaluation on {rows.height} test rows:\n{metrics}")
     return dg.MaterializeResult(
@@ -302,12 +392,15 @@ def evaluation(
             "test_rows": rows.height,
             "test_period": f"{rows['ts'].min():%Y-%m-%d} .. {rows['ts'].max():%Y-%m-%d}",
             "model_version": pmeta["model_version"],
+            "mamba2_version": pmeta["mamba2_version"],
             "metrics": table_md(metrics),
             "log_loss_vs_baselines": table_md(pl.DataFrame(intervals)),
-            "model_log_loss": float(metrics.filter(pl.col("forecaster") == "model")["log_loss"][0]),
-            "climatology_log_loss": float(
-                metrics.filter(pl.col("forecaster") == "climatology")["log_loss"][0]
-            ),
+            **{
+                f"{name}_log_loss": float(
+                    metrics.filter(pl.col("forecaster") == name)["log_loss"][0]
+                )
+                for name in FORECASTERS
+            },
             "path": dg.MetadataValue.path(str(art.path)),
         }
     )

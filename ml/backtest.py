@@ -109,10 +109,13 @@ def momentum_positions(log_close: np.ndarray, window: int, allow_short: bool) ->
     return np.nan_to_num(pos)
 
 
-def run_backtest(frame: pl.DataFrame, cfg: BacktestConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Backtest the model, buy-and-hold and momentum on the same bars, per symbol.
+def run_backtest(
+    frame: pl.DataFrame, cfg: BacktestConfig, forecasters: tuple[str, ...] = ("model",)
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Backtest each forecaster, buy-and-hold and momentum on the same bars, per symbol.
 
-    frame: symbol, ts, open, close, p_down, p_up (rows of the out-of-sample period only).
+    frame: symbol, ts, open, close and `<forecaster>_p_down`, `<forecaster>_p_up` for each
+    forecaster (rows of the out-of-sample period only).
     Returns (equity paths in long form, metrics per symbol and strategy).
     """
     paths, rows = [], []
@@ -120,12 +123,13 @@ def run_backtest(frame: pl.DataFrame, cfg: BacktestConfig) -> tuple[pl.DataFrame
         ppy = periods_per_year(bars["ts"])
         log_close = np.log(bars["close"].to_numpy())
         strategies = {
-            "model": positions_from_probabilities(
-                bars["p_down"].to_numpy(), bars["p_up"].to_numpy(), cfg
-            ),
-            "buy_and_hold": np.ones(bars.height),
-            "momentum": momentum_positions(log_close, cfg.momentum_window, cfg.allow_short),
+            name: positions_from_probabilities(
+                bars[f"{name}_p_down"].to_numpy(), bars[f"{name}_p_up"].to_numpy(), cfg
+            )
+            for name in forecasters
         }
+        strategies["buy_and_hold"] = np.ones(bars.height)
+        strategies["momentum"] = momentum_positions(log_close, cfg.momentum_window, cfg.allow_short)
         for name, decided in strategies.items():
             path = simulate(bars, decided, cfg)
             paths.append(path.with_columns(symbol=pl.lit(symbol), strategy=pl.lit(name)))

@@ -11,7 +11,7 @@ from assets.backtest import backtest
 from assets.features import features, labels
 from assets.ingest import INGEST_ASSETS
 from assets.quality import QUALITY_CHECKS
-from assets.training import evaluation, model, predictions, training_dataset
+from assets.training import evaluation, mamba_model, model, predictions, training_dataset
 from pipelines.resources import MarketSourcesResource, WarehouseResource
 from warehouse.paths import DEFAULT_DATA_DIR
 
@@ -21,6 +21,7 @@ ALL_ASSETS = [
     labels,
     training_dataset,
     model,
+    mamba_model,
     predictions,
     evaluation,
     backtest,
@@ -70,6 +71,7 @@ def default_resources(data_dir: str | None = None) -> dict[str, dg.ConfigurableR
     return {
         "warehouse": WarehouseResource(data_dir=str(Path(root).expanduser().resolve())),
         # The key is passed as an EnvVar reference, so the UI shows the name, never the value.
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
         "sources": MarketSourcesResource(
             fred_api_key=dg.EnvVar("FRED_API_KEY") if os.environ.get("FRED_API_KEY") else None
         ),

@@ -33,12 +33,14 @@ def report(data_dir: str) -> str:
     out += ["", f"Artifacts: {paths.artifacts}"]
     try:
         model = arts.latest("model", "holdout")
+        mamba = arts.latest("mamba2", "holdout")
         evaluation = arts.latest("evaluation", "holdout")
         backtest = arts.latest("backtest", "holdout")
     except ArtifactError as exc:
         out.append(f"  {exc}")
         return "\n".join(out)
-    out.append(f"  model {model.version}: {model.path}")
+    out.append(f"  LightGBM model {model.version}: {model.path}")
+    out.append(f"  Mamba2 model {mamba.version}: {mamba.path}")
     ev = pl.read_json(evaluation.file("metrics.json"))
     metrics = pl.DataFrame(ev["metrics"][0].to_list())
     out += [

@@ -41,7 +41,9 @@ def test_costs_are_charged_on_each_change_of_position():
 def test_buy_and_hold_earns_the_open_to_open_move_less_one_entry_cost():
     rng = np.random.default_rng(0)
     opens = 100 * np.exp(np.cumsum(rng.normal(0, 0.01, 300)))
-    frame = _bars(opens).with_columns(symbol=pl.lit("X"), p_down=pl.lit(0.2), p_up=pl.lit(0.5))
+    frame = _bars(opens).with_columns(
+        symbol=pl.lit("X"), model_p_down=pl.lit(0.2), model_p_up=pl.lit(0.5)
+    )
     cfg = BacktestConfig(fee_bps=10, slippage_bps=0)
     paths, metrics = run_backtest(frame, cfg)
     bh = metrics.filter(pl.col("strategy") == "buy_and_hold")
@@ -79,8 +81,8 @@ def test_stock_calendar_annualizes_with_252():
             "ts": days,
             "open": np.linspace(10, 12, len(days)),
             "close": np.linspace(10, 12, len(days)),
-            "p_down": 0.3,
-            "p_up": 0.3,
+            "model_p_down": 0.3,
+            "model_p_up": 0.3,
         }
     )
     _, metrics = run_backtest(frame, BacktestConfig())

@@ -120,7 +120,7 @@ def test_webserver_serves_the_graph_on_localhost(tmp_path):
             time.sleep(0.5)
         got = {n["assetKey"]["path"][0]: n["groupName"] for n in nodes}
         assert got["ohlcv_bars"] == "ingest" and got["backtest"] == "backtest"
-        assert len(got) == 10
+        assert len(got) == 11
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -12,14 +12,15 @@ EXPECTED_GRAPH = {
     "labels": ["ohlcv_bars"],
     "training_dataset": ["features", "labels"],
     "model": ["training_dataset"],
-    "predictions": ["model"],
+    "mamba_model": ["training_dataset"],
+    "predictions": ["mamba_model", "model"],
     "evaluation": ["predictions"],
     "backtest": ["predictions"],
 }
 EXPECTED_GROUPS = {
     "ingest": {"ohlcv_bars", "onchain_metrics", "macro_series"},
     "features": {"features", "labels"},
-    "training": {"training_dataset", "model", "predictions", "evaluation"},
+    "training": {"training_dataset", "model", "mamba_model", "predictions", "evaluation"},
     "backtest": {"backtest"},
 }
 
@@ -70,7 +71,7 @@ def test_jobs_schedules_and_resources():
     assert daily_refresh_schedule.job_name == "daily_refresh_job"
     assert daily_refresh_schedule.cron_schedule == "0 1 * * *"
     assert weekly_retrain_schedule.job_name == "retrain_job"
-    assert set(defs.resources) == {"warehouse", "sources"}
+    assert set(defs.resources) == {"warehouse", "sources", "pipes_subprocess_client"}
 
 
 def test_daily_refresh_runs_yesterdays_partition():

@@ -103,8 +103,9 @@ def test_evaluation_scores_model_and_baselines_on_the_same_test_rows(built):
     first_test_day = ev["test_period"].value.split(" .. ")[0]
     assert first_test_day >= meta["split"]["test_start"][:10]
     table = ev["metrics"].value
-    for name in ("model", "climatology", "persistence"):
-        assert name in table
+    for name in ("lightgbm", "mamba2", "climatology", "persistence"):
+        assert f"| {name} " in table, table
+    assert ev["mamba2_log_loss"].value > 0 and ev["lightgbm_log_loss"].value > 0
     assert "ci95_low" in ev["log_loss_vs_baselines"].value
 
 
@@ -174,7 +175,7 @@ def test_a_failed_quality_check_blocks_everything_downstream(tmp_path):
     assert checks["macro_quality"].passed
     done = _materialized(result)
     assert {"ohlcv_bars", "onchain_metrics", "macro_series"} <= done
-    assert not done & {"features", "labels", "training_dataset", "model", "backtest"}
+    assert not done & {"features", "labels", "training_dataset", "model", "mamba_model", "backtest"}
     assert not Lake(DataPaths.at(root).lake).exists("features")
 
 
@@ -233,7 +234,7 @@ def test_the_ohlcv_source_is_chosen_through_run_config(tmp_path):
         [*ALL_ASSETS, *QUALITY_CHECKS],
         selection=["ohlcv_bars"],
         resources={
-            "warehouse": default_resources(str(root))["warehouse"],
+            **default_resources(str(root)),
             "sources": MarketSourcesResource.configure_at_launch(),
         },
         run_config=config,
