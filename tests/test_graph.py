@@ -1,16 +1,23 @@
 """The whole asset graph, materialized in-process on a small synthetic range."""
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 
 import dagster as dg
+import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from assets.quality import QUALITY_CHECKS
+from ml.backbone import BackboneConfig, Forecaster
+from ml.dataset import Standardizer
+from ml.sequence_data import build_lanes
 from pipelines.definitions import ALL_ASSETS, default_resources
 from pipelines.report import report
 from pipelines.resources import MarketSourcesResource
+from pipelines.train_mamba import predict
 from warehouse import ArtifactStore, DataPaths, Lake, Warehouse
 from warehouse.sources.base import SourceFetchError, register
 from warehouse.sources.synthetic import SyntheticOHLCV
@@ -279,3 +286,34 @@ def test_a_failed_fetch_leaves_the_warehouse_as_it_was(built, tmp_path):
         _run(root, selection=["macro_series"], partition_key="2020-06-15", resources=resources)
     assert "ended mid-record" in _messages(failure.value)
     assert wh.read("macro").equals(before)
+
+
+def test_the_mamba2_artifact_reloads_and_reproduces_its_predictions(built):
+    root, result = built
+    paths = DataPaths.at(root)
+    art = ArtifactStore(paths.artifacts).latest("mamba2", "holdout")
+    md = result.asset_materializations_for_node("mamba_model")[0].metadata
+    assert md["model_version"].value == art.version and md["epochs_run"].value >= 1
+    cfg_json = json.loads(art.file("config.json").read_text())
+    cfg = BackboneConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_json["backbone"].items()}
+    )
+    model = Forecaster(cfg)
+    model.load_state_dict(torch.load(art.file("weights.pt"), weights_only=True)["model"])
+    lake = Lake(paths.lake)
+    meta = lake.read_meta("training_dataset")
+    lanes = build_lanes(
+        lake.read("features"),
+        lake.read("labels"),
+        lake.read("training_dataset"),
+        meta["feature_columns"],
+        cfg.horizons,
+        cfg_json["direction_column"],
+        "fwd_ret_90",
+        "fwd_vol_30",
+        scaler=Standardizer.from_json(art.file("scaler.json").read_text()),
+    )
+    again = predict(model, lanes, torch.device("cpu"), chunk=97)  # another chunking, same state
+    saved = pl.read_parquet(art.file("predictions.parquet"))
+    assert again.height == saved.height
+    assert np.allclose(again["mamba_p_up"], saved["mamba_p_up"], atol=1e-5)
