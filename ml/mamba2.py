@@ -186,13 +186,22 @@ def ssd_chunked(
         decay_to_end = decay[..., -1, :]  # (B, H, c, s)
         chunk_states = torch.einsum("bcshn,bhcs,bcshp->bchpn", B_, decay_to_end, xdt)
 
-        # 3. pass states across chunk boundaries: state entering chunk z, for z = 0..c
-        if initial_state is None:
-            initial_state = x_.new_zeros(batch, nheads, headdim, dstate)
-        states = torch.cat([initial_state.to(dtype)[:, None], chunk_states], dim=1)
-        chunk_decay = torch.exp(segsum(F.pad(dA_cumsum[..., -1], (1, 0))))  # (B, H, c+1, c+1)
-        states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)  # (B, c+1, H, P, N)
-        states, final_state = states[:, :-1], states[:, -1]
+        # 3. pass states across chunk boundaries, one chunk at a time: the state entering
+        #    chunk z+1 is the state entering z decayed across z, plus z's own contribution.
+        #    Linear in the number of chunks (the all-pairs form is quadratic in it).
+        chunk_decay = torch.exp(dA_cumsum[..., -1])  # (B, H, c): total decay across each chunk
+        state = (
+            x_.new_zeros(batch, nheads, headdim, dstate)
+            if initial_state is None
+            else initial_state.to(dtype)
+        )  # (B, H, P, N)
+        entering = []
+        # unbind once: indexing chunk z in the loop would make backward write a full-size
+        # zero gradient per chunk, quadratic in the number of chunks
+        for decay_z, own_z in zip(chunk_decay.unbind(2), chunk_states.unbind(1), strict=True):
+            entering.append(state)
+            state = decay_z[:, :, None, None] * state + own_z
+        states, final_state = torch.stack(entering, dim=1), state  # (B, c, H, P, N), (B, H, P, N)
 
         # 4. the state entering each chunk, decayed to position l and read out by C_l
         decay_from_start = torch.exp(dA_cumsum)  # (B, H, c, l)

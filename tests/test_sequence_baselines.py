@@ -1,0 +1,181 @@
+"""Sequence baselines (LSTM, GRU, CNN-LSTM, transformer): the Forecaster's contract, exact
+chunked and streaming inference, parameter counts matched to Mamba2, and training with the
+TBPTT trainer."""
+
+import math
+import time
+
+import pytest
+import torch
+
+from ml.backbone import BackboneConfig, Forecaster, MultiTaskLoss, count_parameters
+from ml.sequence_baselines import (
+    KINDS,
+    KVWindowState,
+    RecurrentState,
+    SequenceBaseline,
+    SequenceBaselineConfig,
+    matched_width,
+)
+from ml.trainer import Sequences, TrainConfig, Trainer, detach_state, flatten_state, unflatten_state
+
+ATOL = 1e-5
+N_FEATURES = 5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny tensors: on a shared CPU the intra-op thread pool's waits cost more than the math."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_model(kind: str, **overrides: object) -> SequenceBaseline:
+    """Two layers of width 16; the transformer's window (12) is shorter than the test series."""
+    torch.manual_seed(0)
+    kwargs = {
+        "n_features": N_FEATURES,
+        "kind": kind,
+        "d_model": 16,
+        "n_layers": 2,
+        "attn_heads": 2,
+        "attn_window": 12,
+        "conv_width": 3,
+        "horizons": (1, 5),
+        **overrides,
+    }
+    return SequenceBaseline(SequenceBaselineConfig(**kwargs)).eval()
+
+
+def assert_outputs_close(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=ATOL, rtol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_returns_the_forecasters_outputs(kind: str) -> None:
+    model = small_model(kind)
+    forecaster = Forecaster(BackboneConfig.preset("tiny", N_FEATURES, d_model=16, horizons=(1, 5)))
+    x = torch.randn(3, 20, N_FEATURES)
+    with torch.no_grad():
+        out, state = model(x)
+        reference, _ = forecaster(x)
+    assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in reference.items()}
+    assert len(state) == 2
+    assert (out["sigma"] > 0).all()
+    assert (out["quantiles"][..., 1] >= out["quantiles"][..., 0]).all()
+    # the head layers are named as the Forecaster's, so their weights load into each other
+    heads = {k: v for k, v in forecaster.state_dict().items() if "head" in k or "norm_f" in k}
+    model.load_state_dict({**model.state_dict(), **heads})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_forward_with_carried_state_equals_full_forward(kind: str) -> None:
+    model = small_model(kind)
+    x = torch.randn(2, 40, N_FEATURES)
+    with torch.no_grad():
+        full, full_state = model(x)
+        state = model.init_state(2)
+        parts = []
+        for start, end in [(0, 7), (7, 8), (8, 25), (25, 40)]:  # uneven, one of length 1
+            out, state = model(x[:, start:end], state)
+            parts.append(out)
+    chunked = {k: torch.cat([p[k] for p in parts], dim=1) for k in full}
+    assert_outputs_close(chunked, full)
+    for a, b in zip(state, full_state, strict=True):
+        for name in ("h", "c", "conv", "k", "v"):
+            if getattr(a, name, None) is not None:
+                torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_step_equals_full_forward_at_every_position(kind: str) -> None:
+    model = small_model(kind)
+    x = torch.randn(2, 30, N_FEATURES)
+    with torch.no_grad():
+        full, _ = model(x)
+        state = model.init_state(2)
+        for t in range(x.size(1)):
+            out, state = model.step(x[:, t], state)
+            assert_outputs_close(out, {k: v[:, t] for k, v in full.items()})
+
+
+def test_attention_sees_exactly_its_window() -> None:
+    """A change at position 0 moves outputs up to position `window` of the first layer's
+    receptive field, never beyond (one layer, so the receptive field is the window)."""
+    model = small_model("transformer", n_layers=1, attn_window=6)
+    x = torch.randn(1, 20, N_FEATURES)
+    x2 = x.clone()
+    x2[:, 0] += 3.0
+    with torch.no_grad():
+        a, _ = model(x)
+        b, _ = model(x2)
+    moved = (a["returns"] - b["returns"]).abs().amax(-1)[0] > 1e-6
+    assert moved[:7].all() and not moved[7:].any()
+
+
+def test_state_survives_a_checkpoint_round_trip() -> None:
+    """The trainer saves carried states with flatten_state; both state types must load back."""
+    for kind in ("cnn_lstm", "transformer"):
+        model = small_model(kind)
+        with torch.no_grad():
+            _, state = model(torch.randn(2, 15, N_FEATURES))
+        restored = unflatten_state(flatten_state(detach_state(state)))
+        assert [type(s) for s in restored] == [type(s) for s in state]
+        assert all(isinstance(s, (RecurrentState, KVWindowState)) for s in restored)
+        x = torch.randn(2, 5, N_FEATURES)
+        with torch.no_grad():
+            assert_outputs_close(model(x, state)[0], model(x, restored)[0])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_matched_width_is_within_ten_percent_of_the_mamba2_baseline_preset(kind: str) -> None:
+    n_features = 32
+    target = count_parameters(Forecaster(BackboneConfig.preset("baseline", n_features)))
+    d_model = matched_width(kind, target, n_features, n_layers=4)
+    cfg = SequenceBaselineConfig(n_features=n_features, kind=kind, d_model=d_model, n_layers=4)
+    n_params = count_parameters(SequenceBaseline(cfg))
+    assert abs(n_params - target) / target < 0.10, (kind, d_model, n_params, target)
+    assert SequenceBaselineConfig.like(BackboneConfig.preset("baseline", n_features), kind) == cfg
+
+
+def test_config_errors_name_the_bad_field() -> None:
+    with pytest.raises(ValueError, match="kind"):
+        SequenceBaselineConfig(n_features=3, kind="rnn")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="attn_heads"):
+        SequenceBaselineConfig(n_features=3, kind="transformer", d_model=20, attn_heads=4)
+    with pytest.raises(ValueError, match="layers"):
+        small_model("gru")(torch.randn(1, 4, N_FEATURES), [None])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tiny_baseline_trains_with_the_tbptt_trainer(kind: str) -> None:
+    g = torch.Generator().manual_seed(1)
+
+    def random_sequences(lanes: int, steps: int) -> Sequences:
+        x = torch.randn(lanes, steps, N_FEATURES, generator=g)
+        returns = 0.1 * torch.randn(lanes, steps, 2, generator=g)
+        return Sequences(
+            x,
+            {
+                "returns": returns,
+                "direction": torch.randint(0, 3, (lanes, steps), generator=g),
+                "quantiles": returns[..., 0],
+                "sigma": returns[..., 1].abs() + 0.01,
+            },
+        )
+
+    model = small_model(kind).train()
+    cfg = TrainConfig(tbptt_len=16, epochs=2, lr=3e-3, warmup_steps=1, progress=False)
+    start = time.perf_counter()
+    result = Trainer(
+        model, MultiTaskLoss(), random_sequences(2, 64), random_sequences(1, 32), cfg
+    ).fit(resume=False)
+    assert time.perf_counter() - start < 10
+    assert result.steps == 8 and result.skipped_steps == 0
+    assert all(
+        math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in result.history
+    )
