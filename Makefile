@@ -62,6 +62,7 @@ lint: setup
 bench: setup instance
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python benchmarks/mamba.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
