@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, date, datetime
 from typing import Any, Protocol
 
 import polars as pl
@@ -20,6 +20,32 @@ class SourceFetchError(RuntimeError):
 
     The message names the source and the range that was being fetched.
     """
+
+
+def utc_now() -> datetime:
+    """The current time as a naive UTC datetime, the convention of every table."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def naive_utc(ts: datetime) -> datetime:
+    """`ts` in naive UTC (aware datetimes are converted, naive ones taken as UTC)."""
+    return ts.astimezone(UTC).replace(tzinfo=None) if ts.tzinfo else ts
+
+
+def empty_frame(table: str) -> pl.DataFrame:
+    """A frame with no rows in `table`'s declared schema."""
+    from warehouse.schema import table_spec
+
+    return pl.DataFrame(schema=table_spec(table).columns)
+
+
+def day_window(start: datetime, end: datetime, source: str) -> tuple[date, date]:
+    """The UTC days [first, stop) that the window [start, end) selects."""
+    if start >= end:
+        raise SourceError(
+            f"{source}: empty or inverted window: start {start} is not before end {end}"
+        )
+    return start.date(), end.date()
 
 
 class Source(Protocol):

@@ -27,7 +27,7 @@ import polars as pl
 import requests
 
 from warehouse.schema import ONCHAIN
-from warehouse.sources.base import SourceError, SourceFetchError, register
+from warehouse.sources.base import SourceError, SourceFetchError, day_window, empty_frame, register
 from warehouse.sources.http import get_with_retries
 from warehouse.sources.retry import RetryPolicy
 
@@ -67,20 +67,6 @@ def _check_assets(assets: tuple[str, ...] | list[str], source: str) -> tuple[str
     if len(set(upper)) != len(upper):
         raise SourceError(f"Duplicate assets in {list(assets)} for source {source!r}")
     return upper
-
-
-def _day_window(start: datetime, end: datetime, source: str) -> tuple[date, date]:
-    """The UTC days [first, stop) that [start, end) selects, as for the synthetic source."""
-    if start >= end:
-        raise SourceError(
-            f"{source}: empty or inverted window: start {start} is not before end {end}"
-        )
-    return start.date(), end.date()
-
-
-def empty_onchain() -> pl.DataFrame:
-    """A frame with no rows in the ONCHAIN schema."""
-    return pl.DataFrame(schema=ONCHAIN.columns)
 
 
 @register("onchain", "coinmetrics")
@@ -125,9 +111,9 @@ class CoinMetricsOnchain:
         Raises SourceFetchError naming the source and the range on HTTP failures (after
         retries), malformed or truncated JSON, a missing `data` list, or non-numeric values.
         """
-        first, stop = _day_window(start, end, self.name)
+        first, stop = day_window(start, end, self.name)
         if first >= stop:
-            return empty_onchain()
+            return empty_frame("onchain")
         what = f"{'/'.join(self.assets)} on-chain days [{first}, {stop})"
         api_url = f"{self.base_url.rstrip('/')}/timeseries/asset-metrics"
         url = api_url
@@ -322,10 +308,10 @@ class CoinMetricsCsvOnchain:
 
     def fetch(self, start: datetime, end: datetime) -> pl.DataFrame:
         """Rows for the UTC days in [start, end) in the ONCHAIN schema, sorted by asset, date."""
-        first, stop = _day_window(start, end, self.name)
+        first, stop = day_window(start, end, self.name)
         header = self._header()
         if first >= stop:
-            return empty_onchain()
+            return empty_frame("onchain")
         where = f"{self.name}: {str(self.path)!r}"
         date_col = next(c for c in CSV_DATE_COLUMNS if c in header)
         raw = pl.read_csv(self.path, infer_schema=False)

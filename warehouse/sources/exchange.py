@@ -18,8 +18,14 @@ from typing import Any
 import ccxt
 import polars as pl
 
-from warehouse.schema import OHLCV
-from warehouse.sources.base import SourceError, SourceFetchError, register
+from warehouse.sources.base import (
+    SourceError,
+    SourceFetchError,
+    empty_frame,
+    naive_utc,
+    register,
+    utc_now,
+)
 from warehouse.sources.retry import RetryableError, RetryPolicy, with_retries
 
 TIMEFRAMES: dict[str, timedelta] = {
@@ -55,21 +61,8 @@ def warehouse_symbol(symbol: str) -> str:
     return symbol.replace("/", "-").replace(":", "-")
 
 
-def _naive_utc(ts: datetime) -> datetime:
-    return ts.astimezone(UTC).replace(tzinfo=None) if ts.tzinfo else ts
-
-
 def _epoch_ms(ts: datetime) -> int:
-    return int(_naive_utc(ts).replace(tzinfo=UTC).timestamp() * 1000)
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-def empty_ohlcv() -> pl.DataFrame:
-    """A frame with no rows, in the OHLCV table's schema."""
-    return pl.DataFrame(schema=OHLCV.columns)
+    return int(naive_utc(ts).replace(tzinfo=UTC).timestamp() * 1000)
 
 
 @register("ohlcv", "ccxt")
@@ -156,16 +149,16 @@ class CcxtOHLCV:
         Raises SourceFetchError naming the exchange, symbol, timeframe and range when a request
         keeps failing, the exchange rejects the request, or a payload is malformed.
         """
-        start, end = _naive_utc(start), _naive_utc(end)
+        start, end = naive_utc(start), naive_utc(end)
         if start > end:
             raise SourceError(
                 f"Inverted window for source 'ccxt': start {start} is after end {end}"
             )
         if start == end:
-            return empty_ohlcv()
-        now = _naive_utc((self.now or _utc_now)())
+            return empty_frame("ohlcv")
+        now = naive_utc((self.now or utc_now)())
         frames = [self._fetch_symbol(symbol, start, end, now) for symbol in self.symbols]
-        return pl.concat(frames, how="vertical") if frames else empty_ohlcv()
+        return pl.concat(frames, how="vertical") if frames else empty_frame("ohlcv")
 
     # -- internals -----------------------------------------------------------------------------
     def _describe(self, symbol: str, start: datetime, end: datetime) -> str:

@@ -42,7 +42,7 @@ import requests
 from fredapi import Fred
 
 from warehouse.schema import MACRO
-from warehouse.sources.base import SourceError, SourceFetchError, register
+from warehouse.sources.base import SourceError, SourceFetchError, day_window, empty_frame, register
 from warehouse.sources.http import display_url, get_with_retries, parse_retry_after, redact
 from warehouse.sources.retry import RetryableError, RetryPolicy, with_retries
 
@@ -73,20 +73,6 @@ def _check_series(series: tuple[str, ...] | list[str] | str, source: str) -> tup
     if len(set(out)) != len(out):
         raise SourceError(f"Duplicate series in {list(series)} for source {source!r}")
     return out
-
-
-def _day_window(start: datetime, end: datetime, source: str) -> tuple[date, date]:
-    """The days [first, stop) that [start, end) selects, as for the synthetic source."""
-    if start >= end:
-        raise SourceError(
-            f"{source}: empty or inverted window: start {start} is not before end {end}"
-        )
-    return start.date(), end.date()
-
-
-def empty_macro() -> pl.DataFrame:
-    """A frame with no rows in the MACRO schema."""
-    return pl.DataFrame(schema=MACRO.columns)
 
 
 def next_business_day(col: str = "date") -> pl.Expr:
@@ -169,9 +155,9 @@ class FredMacro:
         Raises SourceFetchError naming the source, series and range on HTTP failures (after
         retries) or malformed / truncated payloads; nothing partial is returned.
         """
-        first, stop = _day_window(start, end, self.name)
+        first, stop = day_window(start, end, self.name)
         if first >= stop:
-            return empty_macro()
+            return empty_frame("macro")
         if self.effective_mode == "api":
             frames = [self._fetch_api(s, first, stop) for s in self.series]
         else:
@@ -410,10 +396,10 @@ class FredFileMacro:
 
     def fetch(self, start: datetime, end: datetime) -> pl.DataFrame:
         """Observations of `series` dated in the days [start, end), MACRO schema, sorted."""
-        first, stop = _day_window(start, end, self.name)
+        first, stop = day_window(start, end, self.name)
         layout, date_col, header = self._layout()
         if first >= stop:
-            return empty_macro()
+            return empty_frame("macro")
         where = self._where()
         raw = pl.read_csv(self.path, infer_schema=False)
         if layout == "wide":

@@ -28,8 +28,14 @@ from yfinance.exceptions import (
     YFTickerMissingError,
 )
 
-from warehouse.schema import OHLCV
-from warehouse.sources.base import SourceError, SourceFetchError, register
+from warehouse.sources.base import (
+    SourceError,
+    SourceFetchError,
+    empty_frame,
+    naive_utc,
+    register,
+    utc_now,
+)
 from warehouse.sources.retry import RetryableError, RetryPolicy, with_retries
 
 TIMEFRAMES: dict[str, timedelta] = {"1d": timedelta(days=1), "1h": timedelta(hours=1)}
@@ -47,19 +53,6 @@ _NETWORK_ERRORS = {
     "SSLError",
     "CurlError",
 }
-
-
-def _naive_utc(ts: datetime) -> datetime:
-    return ts.astimezone(UTC).replace(tzinfo=None) if ts.tzinfo else ts
-
-
-def _utc_now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-def empty_ohlcv() -> pl.DataFrame:
-    """A frame with no rows, in the OHLCV table's schema."""
-    return pl.DataFrame(schema=OHLCV.columns)
 
 
 @register("ohlcv", "yfinance")
@@ -123,14 +116,14 @@ class YahooOHLCV:
         SourceFetchError naming the symbol and the range when Yahoo does not know a symbol, keeps
         failing, or answers with something that is not price data.
         """
-        start, end = _naive_utc(start), _naive_utc(end)
+        start, end = naive_utc(start), naive_utc(end)
         if start > end:
             raise SourceError(
                 f"Inverted window for source 'yfinance': start {start} is after end {end}"
             )
         if start == end:
-            return empty_ohlcv()
-        now = _naive_utc((self.now or _utc_now)())
+            return empty_frame("ohlcv")
+        now = naive_utc((self.now or utc_now)())
         frames = [self._fetch_symbol(symbol, start, end, now) for symbol in self.symbols]
         return pl.concat(frames, how="vertical")
 
@@ -229,7 +222,7 @@ class YahooOHLCV:
         what: str,
     ) -> pl.DataFrame:
         if history.empty:
-            return empty_ohlcv()
+            return empty_frame("ohlcv")
         missing = [c for c in ("Open", "High", "Low", "Close", "Volume") if c not in history]
         if missing or not isinstance(history.index, pd.DatetimeIndex):
             raise SourceFetchError(
