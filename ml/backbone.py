@@ -240,28 +240,39 @@ class Block(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class Forecaster(nn.Module):
-    """Features -> per-position forecasts, carrying a list of per-layer states.
+class LayerStack(nn.Module):
+    """Input projection -> residual blocks carrying per-layer states -> forecast heads.
 
+    The skeleton shared by the Mamba2 `Forecaster` and the sequence baselines, so they differ
+    only in their blocks. Each block is called as block(h, state) -> (h, state) and has
+    init_state(batch, device, dtype).
     outputs: direction (..., n_classes) logits, quantiles (..., Q) increasing along the last
     axis, sigma (...) > 0, returns (..., n_horizons); "..." is (B, L) in forward, (B,) in step.
     """
 
-    def __init__(self, cfg: BackboneConfig) -> None:
+    def __init__(
+        self,
+        n_features: int,
+        d_model: int,
+        blocks: list[nn.Module],
+        norm_eps: float,
+        n_direction_classes: int,
+        quantiles: tuple[float, ...],
+        horizons: tuple[int, ...],
+    ) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.input_proj = nn.Linear(cfg.n_features, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm_f = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.direction_head = nn.Linear(cfg.d_model, cfg.n_direction_classes)
-        self.quantile_head = nn.Linear(cfg.d_model, len(cfg.quantiles))
-        self.sigma_head = nn.Linear(cfg.d_model, 1)
-        self.return_head = nn.Linear(cfg.d_model, len(cfg.horizons))
+        self.input_proj = nn.Linear(n_features, d_model)
+        self.blocks = nn.ModuleList(blocks)
+        self.norm_f = nn.RMSNorm(d_model, eps=norm_eps)
+        self.direction_head = nn.Linear(d_model, n_direction_classes)
+        self.quantile_head = nn.Linear(d_model, len(quantiles))
+        self.sigma_head = nn.Linear(d_model, 1)
+        self.return_head = nn.Linear(d_model, len(horizons))
 
     def init_state(
         self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> list[LayerState]:
-        """Zero Mamba2 states and empty attention windows, one per layer."""
+    ) -> list[Any]:
+        """Each block's empty state (zeros, empty attention windows), one per layer."""
         return [block.init_state(batch, device, dtype) for block in self.blocks]
 
     def _heads(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -279,11 +290,11 @@ class Forecaster(nn.Module):
         }
 
     def forward(
-        self, x: torch.Tensor, state: list[LayerState] | None = None
-    ) -> tuple[dict[str, torch.Tensor], list[LayerState]]:
+        self, x: torch.Tensor, state: list[Any] | None = None
+    ) -> tuple[dict[str, torch.Tensor], list[Any]]:
         """x: (B, L, n_features) -> outputs over (B, L) and the state after the last position."""
         if state is None:
-            state = [None] * len(self.blocks)  # type: ignore[list-item]
+            state = [None] * len(self.blocks)
         if len(state) != len(self.blocks):
             raise ValueError(f"state has {len(state)} layers; the model has {len(self.blocks)}")
         h = self.input_proj(x)  # (B, L, D)
@@ -292,6 +303,22 @@ class Forecaster(nn.Module):
             h, s = block(h, s)
             new_state.append(s)
         return self._heads(h), new_state
+
+
+class Forecaster(LayerStack):
+    """The Mamba2 forecaster: Mamba2 (+ optional attention) and GatedMLP blocks."""
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__(
+            cfg.n_features,
+            cfg.d_model,
+            [Block(cfg, i) for i in range(cfg.n_layers)],
+            cfg.norm_eps,
+            cfg.n_direction_classes,
+            cfg.quantiles,
+            cfg.horizons,
+        )
+        self.cfg = cfg
 
     def step(
         self, x_t: torch.Tensor, state: list[LayerState]

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ml.backbone import BackboneConfig, Forecaster, GatedMLP, count_parameters
+from ml.backbone import BackboneConfig, Forecaster, GatedMLP, LayerStack, count_parameters
 
 Kind = Literal["lstm", "gru", "transformer", "cnn_lstm"]
 KINDS: tuple[Kind, ...] = ("lstm", "gru", "transformer", "cnn_lstm")
@@ -294,6 +294,11 @@ class BaselineBlock(nn.Module):
         self.mlp = GatedMLP(cfg.d_model, cfg.mlp_hidden_size)
         self.dropout = nn.Dropout(cfg.dropout)
 
+    def init_state(
+        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> MixerState:
+        return self.mixer.init_state(batch, device, dtype)
+
     def forward(
         self, x: torch.Tensor, state: MixerState | None = None
     ) -> tuple[torch.Tensor, MixerState]:
@@ -304,8 +309,8 @@ class BaselineBlock(nn.Module):
         return x, state
 
 
-class SequenceBaseline(nn.Module):
-    """Features -> per-position forecasts, carrying a list of per-layer states.
+class SequenceBaseline(LayerStack):
+    """The Forecaster's skeleton and heads with LSTM, GRU, attention or CNN-LSTM mixers.
 
     Outputs exactly as `Forecaster`: direction (..., n_classes) logits, quantiles (..., Q)
     increasing, sigma (...) > 0, returns (..., n_horizons); "..." is (B, L) in forward, (B,) in
@@ -313,40 +318,16 @@ class SequenceBaseline(nn.Module):
     """
 
     def __init__(self, cfg: SequenceBaselineConfig) -> None:
-        super().__init__()
+        super().__init__(
+            cfg.n_features,
+            cfg.d_model,
+            [BaselineBlock(cfg) for _ in range(cfg.n_layers)],
+            cfg.norm_eps,
+            cfg.n_direction_classes,
+            cfg.quantiles,
+            cfg.horizons,
+        )
         self.cfg = cfg
-        self.input_proj = nn.Linear(cfg.n_features, cfg.d_model)
-        self.blocks = nn.ModuleList(BaselineBlock(cfg) for _ in range(cfg.n_layers))
-        # The head layers carry the Forecaster's names: `_heads` below is its code, run on them.
-        self.norm_f = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.direction_head = nn.Linear(cfg.d_model, cfg.n_direction_classes)
-        self.quantile_head = nn.Linear(cfg.d_model, len(cfg.quantiles))
-        self.sigma_head = nn.Linear(cfg.d_model, 1)
-        self.return_head = nn.Linear(cfg.d_model, len(cfg.horizons))
-
-    # The Forecaster's heads (norm, non-crossing quantiles, positive sigma), not a copy of them.
-    _heads = Forecaster._heads
-
-    def init_state(
-        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> list[MixerState]:
-        """Zero recurrent states and empty attention windows, one per layer."""
-        return [block.mixer.init_state(batch, device, dtype) for block in self.blocks]
-
-    def forward(
-        self, x: torch.Tensor, state: list[MixerState] | None = None
-    ) -> tuple[dict[str, torch.Tensor], list[MixerState]]:
-        """x: (B, L, n_features) -> outputs over (B, L) and the state after the last position."""
-        if state is None:
-            state = [None] * len(self.blocks)  # type: ignore[list-item]
-        if len(state) != len(self.blocks):
-            raise ValueError(f"state has {len(state)} layers; the model has {len(self.blocks)}")
-        h = self.input_proj(x)  # (B, L, D)
-        new_state = []
-        for block, s in zip(self.blocks, state, strict=True):
-            h, s = block(h, s)
-            new_state.append(s)
-        return self._heads(h), new_state
 
     def step(
         self, x_t: torch.Tensor, state: list[MixerState]
