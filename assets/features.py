@@ -8,7 +8,12 @@ import dagster as dg
 
 from assets.ingest import macro_series, ohlcv_bars, onchain_metrics
 from assets.metadata import frame_summary, table_md
-from ml.features import FeatureConfig, compute_features, model_feature_columns
+from ml.features import (
+    FeatureConfig,
+    compute_features,
+    model_feature_columns,
+    onchain_feature_columns,
+)
 from ml.labels import DIRECTION_CLASSES, LabelConfig, compute_labels, label_columns
 from pipelines.partitions import SINGLE_RUN
 from pipelines.resources import WarehouseResource
@@ -50,7 +55,15 @@ def features(
     frame = compute_features(ohlcv, store.read("onchain"), store.read("macro"), cfg)
     files = lake.write_snapshot("features", frame, time_column="ts")
     version = cfg.version()
-    lake.write_meta("features", {"version": version, "model_columns": model_feature_columns(cfg)})
+    lake.write_meta(
+        "features",
+        {
+            "version": version,
+            "model_columns": model_feature_columns(cfg),
+            # null for symbols without on-chain data: not a sign of warm-up
+            "onchain_columns": onchain_feature_columns(cfg),
+        },
+    )
     store.refresh_lake_views(lake.root, ["features"])
     context.log.info(f"features: {frame.height} rows x {frame.width} columns in {len(files)} files")
     return dg.MaterializeResult(

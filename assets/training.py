@@ -60,7 +60,7 @@ def training_dataset(
     fmeta, lmeta = lake.read_meta("features"), lake.read_meta("labels")
     feats, labs = lake.read("features"), lake.read("labels")
     cols = fmeta["model_columns"]
-    warm = [c for c in cols if c not in ("hash_rate_ratio_30_60", "fees_per_tx")]
+    warm = [c for c in cols if c not in fmeta["onchain_columns"]]
     rows = (
         feats.select(["symbol", "ts", "open", "close", "log_close", *cols])
         .join(labs, on=["symbol", "ts"], how="inner")

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import polars as pl
 
-LABELS_CODE_VERSION = "1"
+LABELS_CODE_VERSION = "2"
 DOWN, FLAT, UP = 0, 1, 2
 DIRECTION_CLASSES = ("down", "flat", "up")
 
@@ -19,6 +19,8 @@ class LabelConfig:
     up_threshold: float = 0.05  # simple return over the horizon
     down_threshold: float = -0.05
     vol_window: int = 30
+    path_horizon: int = 90  # bars of the forward cumulative-return path the quantiles cover
+    path_quantiles: tuple[float, ...] = (0.1, 0.9)
 
     def __post_init__(self) -> None:
         if not self.down_threshold < 0 < self.up_threshold:
@@ -34,7 +36,7 @@ class LabelConfig:
 
     @property
     def max_horizon(self) -> int:
-        return max(*self.horizons, self.vol_window)
+        return max(*self.horizons, self.vol_window, self.path_horizon)
 
     def version(self) -> str:
         from warehouse.artifacts import content_version
@@ -43,10 +45,19 @@ class LabelConfig:
 
 
 def label_columns(cfg: LabelConfig) -> list[str]:
-    return [f"fwd_ret_{h}" for h in cfg.horizons] + [
-        f"direction_{cfg.direction_horizon}",
-        f"fwd_vol_{cfg.vol_window}",
-    ]
+    return (
+        [f"fwd_ret_{h}" for h in cfg.horizons]
+        + [
+            f"direction_{cfg.direction_horizon}",
+            f"fwd_vol_{cfg.vol_window}",
+        ]
+        + [path_quantile_column(q, cfg.path_horizon) for q in cfg.path_quantiles]
+    )
+
+
+def path_quantile_column(q: float, horizon: int) -> str:
+    """`fwd_ret_p10_90`: the 10th percentile of the next 90 bars' cumulative log returns."""
+    return f"fwd_ret_p{round(100 * q):02d}_{horizon}"
 
 
 def direction_from_log_return(r: pl.Expr, cfg: LabelConfig) -> pl.Expr:
@@ -61,6 +72,15 @@ def direction_from_log_return(r: pl.Expr, cfg: LabelConfig) -> pl.Expr:
         .otherwise(FLAT)
         .cast(pl.Int8)
     )
+
+
+def _forward_path_quantile(log_close: pl.Expr, q: float, horizon: int, by: str) -> pl.Expr:
+    """Quantile q (linear interpolation, as numpy's default) of log(close_{t+k} / close_t) over
+    k = 1..horizon; null unless all `horizon` later bars exist."""
+    # log close_t is the same for every k, so the quantile of the path is the quantile of the
+    # next `horizon` log closes minus today's
+    later = log_close.rolling_quantile(q, "linear", window_size=horizon).shift(-horizon)
+    return (later - log_close).over(by)
 
 
 def compute_labels(ohlcv: pl.DataFrame, cfg: LabelConfig = LabelConfig()) -> pl.DataFrame:
@@ -87,6 +107,12 @@ def compute_labels(ohlcv: pl.DataFrame, cfg: LabelConfig = LabelConfig()) -> pl.
             .shift(-(cfg.vol_window - 1))
             .over(by)
             .alias(f"fwd_vol_{cfg.vol_window}"),
+            *[
+                _forward_path_quantile(lc, q, cfg.path_horizon, by).alias(
+                    path_quantile_column(q, cfg.path_horizon)
+                )
+                for q in cfg.path_quantiles
+            ],
         )
         .select(["symbol", "ts", *label_columns(cfg), "label_end_ts"])
         .collect()

@@ -10,6 +10,7 @@ import dagster as dg
 from assets.backtest import backtest
 from assets.features import features, labels
 from assets.ingest import INGEST_ASSETS
+from assets.leakage import LEAKAGE_CHECKS
 from assets.quality import QUALITY_CHECKS
 from assets.training import evaluation, mamba_model, model, predictions, training_dataset
 from pipelines.resources import MarketSourcesResource, WarehouseResource
@@ -91,7 +92,7 @@ executor = dg.multiprocess_executor.configured(
 
 defs = dg.Definitions(
     assets=ALL_ASSETS,
-    asset_checks=QUALITY_CHECKS,
+    asset_checks=[*QUALITY_CHECKS, *LEAKAGE_CHECKS],
     jobs=[ingest_job, features_job, daily_refresh_job, retrain_job],
     schedules=[daily_refresh_schedule, weekly_retrain_schedule],
     resources=default_resources(),

@@ -6,6 +6,8 @@ import polars as pl
 import pytest
 
 from ml.features import FeatureConfig, compute_features, model_feature_columns
+from warehouse.schema import MACRO, ONCHAIN
+from warehouse.sources import make_source
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -17,26 +19,101 @@ def feats(synthetic_ohlcv, synthetic_onchain, synthetic_macro):
     return compute_features(synthetic_ohlcv, synthetic_onchain, synthetic_macro)
 
 
+def _pandas_ta_reference(bars) -> dict:
+    """Every indicator we share with pandas-ta-classic, computed by pandas-ta-classic."""
+    close, high, low = (bars[c].to_pandas() for c in ("close", "high", "low"))
+    return {
+        **{f"EMA_{n}": ta.ema(close, n) for n in (12, 26, 50)},
+        **{f"SMA_{n}": ta.sma(close, n) for n in (10, 20, 50)},
+        "RSI_14": ta.rsi(close, 14),
+        **ta.macd(close, 12, 26, 9).to_dict("series"),
+        **ta.bbands(close, 20, 2.0).to_dict("series"),
+        "ATRr_14": ta.atr(high, low, close, 14),
+        "NATR_14": ta.natr(high, low, close, 14),
+        "ROC_10": ta.roc(close, 10),
+        "MOM_10": ta.mom(close, 10),
+    }
+
+
+def _assert_matches_after_warm_up(got: pl.Series, ref, close: pl.Series, name: str) -> None:
+    """Same nulls as pandas-ta, then equal to rtol 1e-9.
+
+    MACD, its histogram and MOM are differences of price-level terms that cross zero, where
+    rtol alone fails on rounding; for them an atol of 1e-12 of the largest close (about 1e-13
+    in price units here, the float64 rounding of the terms) is allowed as well.
+    """
+    ref = ref.to_numpy()
+    got = got.to_numpy().astype(float)
+    assert np.array_equal(np.isnan(ref), np.isnan(got)), f"{name}: warm-up length differs"
+    atol = 1e-12 * close.max() if name.startswith(("MACD", "MOM")) else 0.0
+    np.testing.assert_allclose(
+        got[~np.isnan(ref)], ref[~np.isnan(ref)], rtol=1e-9, atol=atol, err_msg=name
+    )
+
+
 @pytest.mark.parametrize("symbol", ["BTC-USD", "ACME"])
 def test_indicators_match_pandas_ta_classic(feats, synthetic_ohlcv, symbol):
-    close = synthetic_ohlcv.filter(pl.col("symbol") == symbol).sort("ts")["close"].to_pandas()
-    ours = feats.filter(pl.col("symbol") == symbol).sort("ts").to_pandas()
-    reference = {
-        "EMA_12": ta.ema(close, 12),
-        "EMA_26": ta.ema(close, 26),
-        "RSI_14": ta.rsi(close, 14),
-        **{
-            c: ta.macd(close, 12, 26, 9)[c]
-            for c in ("MACD_12_26_9", "MACDh_12_26_9", "MACDs_12_26_9")
-        },
-    }
+    bars = synthetic_ohlcv.filter(pl.col("symbol") == symbol).sort("ts")
+    ours = feats.filter(pl.col("symbol") == symbol).sort("ts")
+    reference = _pandas_ta_reference(bars)
+    assert len(reference) == 19
     for name, ref in reference.items():
-        ref = ref.to_numpy()
-        got = ours[name].to_numpy(dtype=float)
-        assert np.array_equal(np.isnan(ref), np.isnan(got)), f"{name}: warm-up length differs"
-        np.testing.assert_allclose(
-            got[~np.isnan(ref)], ref[~np.isnan(ref)], rtol=1e-9, err_msg=name
-        )
+        assert ref.name == name, f"pandas-ta calls it {ref.name}, we call it {name}"
+        _assert_matches_after_warm_up(ours[name], ref, bars["close"], name)
+
+
+def test_intraday_indicators_match_pandas_ta_classic_and_hour_is_cyclical():
+    bars = make_source("ohlcv", "synthetic", symbols=("BTC-USD",), timeframe="1m").fetch(
+        datetime(2021, 1, 1), datetime(2021, 1, 2)
+    )
+    empty_onchain, empty_macro = (pl.DataFrame(schema=t.columns) for t in (ONCHAIN, MACRO))
+    ours = compute_features(bars, empty_onchain, empty_macro)
+    assert ours.height == 1440
+    for name, ref in _pandas_ta_reference(bars).items():
+        _assert_matches_after_warm_up(ours[name], ref, bars["close"], name)
+    six_thirty = ours.filter((pl.col("ts").dt.hour() == 6) & (pl.col("ts").dt.minute() == 30))
+    angle = 2 * np.pi * 6.5 / 24
+    assert six_thirty["hour_sin"][0] == pytest.approx(np.sin(angle))
+    assert six_thirty["hour_cos"][0] == pytest.approx(np.cos(angle))
+    assert ours["fees_per_tx"].null_count() == ours.height
+
+
+def test_scale_free_price_features(feats, synthetic_ohlcv):
+    btc = synthetic_ohlcv.filter(pl.col("symbol") == "BTC-USD").sort("ts")
+    got = feats.filter(pl.col("symbol") == "BTC-USD").sort("ts")
+    t = 400
+    lo, hi = btc["low"][t - 19 : t + 1].min(), btc["high"][t - 19 : t + 1].max()
+    assert got["range_position_20"][t] == pytest.approx((btc["close"][t] - lo) / (hi - lo))
+    assert got["range_position_20"][:19].null_count() == 19
+    assert got["range_position_20"].drop_nulls().is_between(0.0, 1.0).all()
+    log_ret = np.diff(np.log(btc["close"].to_numpy()))
+    assert got["realized_vol_30"][t] == pytest.approx(np.std(log_ret[t - 30 : t], ddof=1))
+    assert got["close_over_sma_20"][t] == pytest.approx(btc["close"][t] / got["SMA_20"][t] - 1)
+    price_levels = {"close", "log_close", "EMA_12", "SMA_20", "BBM_20_2.0", "ATRr_14", "MOM_10"}
+    assert not price_levels & set(model_feature_columns(FeatureConfig()))
+
+
+def test_onchain_ratios_and_difficulty_ribbon(feats, synthetic_onchain):
+    oc = synthetic_onchain.sort("date")
+    btc = feats.filter(pl.col("symbol") == "BTC-USD")
+    d = date(2019, 6, 10)
+    row = btc.filter(pl.col("ts").dt.date() == d)
+    i = oc["date"].to_list().index(date(2019, 6, 9))
+    ribbon = [oc["difficulty"][i - n + 1 : i + 1].mean() for n in (9, 14, 25, 40, 60, 90, 128, 200)]
+    assert row["difficulty_sma_9"][0] == pytest.approx(ribbon[0])
+    assert row["difficulty_ratio_9_200"][0] == pytest.approx(ribbon[0] / ribbon[-1])
+    assert row["difficulty_ribbon_compression"][0] == pytest.approx(
+        np.std(ribbon) / np.mean(ribbon)
+    )
+    prev = oc[i]
+    assert row["fees_per_active_address"][0] == pytest.approx(
+        prev["fees_native"][0] / prev["active_addresses"][0]
+    )
+    assert row["tx_per_active_address"][0] == pytest.approx(
+        prev["tx_count"][0] / prev["active_addresses"][0]
+    )
+    weekly = oc["active_addresses"].rolling_mean(7)
+    assert row["active_addresses_growth_30"][0] == pytest.approx(np.log(weekly[i] / weekly[i - 30]))
 
 
 def test_features_do_not_change_when_future_rows_are_removed(

@@ -10,6 +10,7 @@ import polars as pl
 import pytest
 import torch
 
+from assets.leakage import LEAKAGE_CHECKS
 from assets.quality import QUALITY_CHECKS
 from ml.backbone import BackboneConfig, Forecaster
 from ml.dataset import Standardizer
@@ -23,7 +24,7 @@ from warehouse.sources.base import SourceFetchError, register
 from warehouse.sources.synthetic import SyntheticOHLCV
 
 START, END = "2018-01-01", "2021-12-31"
-EVERYTHING = [*ALL_ASSETS, *QUALITY_CHECKS]
+EVERYTHING = [*ALL_ASSETS, *QUALITY_CHECKS, *LEAKAGE_CHECKS]
 ASSET_NAMES = {a.key.to_user_string() for a in ALL_ASSETS}
 
 
@@ -76,7 +77,9 @@ def test_every_asset_materializes_and_every_check_passes(built):
     assert result.success
     assert _materialized(result) == ASSET_NAMES
     evaluations = result.get_asset_check_evaluations()
-    assert len(evaluations) == 3 and all(e.passed for e in evaluations)
+    assert len(evaluations) == 9 and all(e.passed for e in evaluations), [
+        (e.check_name, e.description) for e in evaluations if not e.passed
+    ]
 
 
 def test_warehouse_holds_the_whole_range(built):
@@ -238,7 +241,7 @@ def test_the_ohlcv_source_is_chosen_through_run_config(tmp_path):
         }
     }
     result = dg.materialize(
-        [*ALL_ASSETS, *QUALITY_CHECKS],
+        EVERYTHING,
         selection=["ohlcv_bars"],
         resources={
             **default_resources(str(root)),

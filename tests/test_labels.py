@@ -83,3 +83,25 @@ def test_invalid_label_config_is_refused(kwargs):
 def test_thresholds_change_the_version():
     assert LabelConfig().version() != LabelConfig(up_threshold=0.1).version()
     assert math.isclose(LabelConfig().up_threshold, 0.05)
+
+
+def test_path_quantiles_are_quantiles_of_the_forward_cumulative_returns():
+    rng = np.random.default_rng(1)
+    closes = 100 * np.exp(np.cumsum(rng.normal(0, 0.02, 300)))
+    lab = compute_labels(_bars(closes))
+    lc = np.log(closes)
+    for t in (0, 17, 209):
+        path = lc[t + 1 : t + 91] - lc[t]  # k = 1..90
+        assert lab["fwd_ret_p10_90"][t] == pytest.approx(np.quantile(path, 0.1), rel=1e-12)
+        assert lab["fwd_ret_p90_90"][t] == pytest.approx(np.quantile(path, 0.9), rel=1e-12)
+    assert lab["fwd_ret_p10_90"][-90:].null_count() == 90
+    assert lab["fwd_ret_p90_90"][:-90].null_count() == 0
+    assert (lab["fwd_ret_p10_90"] <= lab["fwd_ret_p90_90"]).all()
+
+
+def test_path_quantiles_never_cross_symbols():
+    a = _bars(np.linspace(100, 50, 120), "A")
+    b = _bars(np.full(120, 200.0), "B")
+    lab = compute_labels(pl.concat([a, b])).filter(pl.col("symbol") == "A")
+    assert lab["fwd_ret_p90_90"].drop_nulls().max() < 0.0
+    assert lab["fwd_ret_p10_90"].null_count() == 90

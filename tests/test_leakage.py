@@ -1,0 +1,219 @@
+"""Leakage checks: each planted leak fails its check; the clean pipeline passes them all."""
+
+import shutil
+from datetime import datetime, timedelta
+
+import dagster as dg
+import polars as pl
+import pytest
+
+import assets.features as asset_features
+import ml.features as ml_features
+from assets.features import features, labels
+from assets.ingest import INGEST_ASSETS
+from assets.leakage import LEAKAGE_CHECKS
+from assets.quality import QUALITY_CHECKS
+from assets.training import training_dataset
+from ml.dataset import TRAIN, SplitConfig, Standardizer, assign_splits, split_boundaries
+from ml.features import FeatureConfig, compute_features, model_feature_columns
+from ml.labels import LabelConfig, compute_labels, label_columns
+from ml.leakage import (
+    check_fit_independence,
+    check_label_alignment,
+    check_scaler_matches_training_rows,
+    check_split_hygiene,
+    check_truncation_invariance,
+)
+from pipelines.definitions import default_resources
+
+COLS = model_feature_columns(FeatureConfig())
+START, END = datetime(2018, 1, 1), datetime(2020, 1, 1)
+COMPUTE_FEATURES = compute_features  # the real one, before any monkeypatching
+
+
+@pytest.fixture(scope="module")
+def raw(synthetic_ohlcv, synthetic_onchain, synthetic_macro):
+    return (
+        synthetic_ohlcv.filter(pl.col("ts").is_between(START, END, closed="left")),
+        synthetic_onchain.filter(pl.col("date").is_between(START.date(), END.date())),
+        synthetic_macro.filter(pl.col("date") < END.date()),
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset(raw):
+    feats = compute_features(*raw)
+    labs = compute_labels(raw[0])
+    rows = feats.join(labs, on=["symbol", "ts"]).drop_nulls(["log_ret_90"]).sort(["symbol", "ts"])
+    bounds = split_boundaries(rows["ts"], SplitConfig())
+    return rows, bounds
+
+
+def _future_return(o, c, m, *cfg):
+    """A feature built from a future row: log_ret_1 replaced by the next bar's return."""
+    f = COMPUTE_FEATURES(o, c, m, *cfg)
+    return f.with_columns(
+        log_ret_1=(pl.col("log_close").shift(-1) - pl.col("log_close")).over("symbol")
+    )
+
+
+def _macro_by_observation_date(o, c, m):
+    """Macro values forward-filled from their observation date, before they were published."""
+    return COMPUTE_FEATURES(o, c, m.with_columns(published=pl.col("date")))
+
+
+def test_clean_features_are_truncation_invariant(raw):
+    report = check_truncation_invariance(*raw, COMPUTE_FEATURES, COLS)
+    assert report.passed, report.summary()
+    assert report.checked > 1000
+
+
+def test_a_feature_from_a_future_row_fails_truncation_invariance(raw):
+    report = check_truncation_invariance(*raw, _future_return, COLS)
+    assert not report.passed
+    assert set(report.offending["column"]) == {"log_ret_1"}
+    # the offending rows are the last bar before each cut, whose next bar was cut off
+    for cut, ts in report.offending.select("cut", "ts").iter_rows():
+        assert ts == cut - timedelta(days=1) or ts.weekday() == 4
+    assert "log_ret_1" in report.summary()
+
+
+def test_a_macro_value_used_before_publication_fails_truncation_invariance(raw):
+    report = check_truncation_invariance(*raw, _macro_by_observation_date, COLS)
+    assert not report.passed
+    assert set(report.offending["column"]) <= {
+        c for s in ml_features.MACRO_SERIES for c in COLS if c.startswith(s)
+    }
+    assert "truncation_invariance" in report.summary()
+
+
+def test_clean_labels_are_aligned(raw):
+    cfg = LabelConfig()
+    report = check_label_alignment(compute_labels(raw[0], cfg), label_columns(cfg), cfg.max_horizon)
+    assert report.passed, report.summary()
+
+
+def test_misaligned_labels_fail():
+    cfg = LabelConfig(horizons=(1, 5), direction_horizon=5, vol_window=5)
+    ts = [datetime(2020, 1, 1) + timedelta(days=i) for i in range(20)]
+    ohlcv = pl.DataFrame(
+        {"symbol": "X", "ts": ts, "close": [100.0 + i for i in range(20)]}
+    ).with_columns(open=pl.col("close"), high=pl.col("close"), low=pl.col("close"), volume=1.0)
+    good = compute_labels(ohlcv, cfg)
+    assert check_label_alignment(good, label_columns(cfg), cfg.max_horizon).passed
+    # a label filled in at the end (its window runs past the data), and a window ending at ts
+    bad = good.with_columns(
+        pl.col("fwd_ret_5").fill_null(0.0),
+        label_end_ts=pl.when(pl.col("ts") == ts[3]).then(pl.col("ts")).otherwise("label_end_ts"),
+    )
+    report = check_label_alignment(bad, label_columns(cfg), cfg.max_horizon)
+    assert not report.passed
+    problems = report.offending
+    assert set(problems.filter(pl.col("column") == "fwd_ret_5")["ts"]) == set(ts[-5:])
+    assert problems.filter(pl.col("column") == "label_end_ts")["ts"].to_list() == [ts[3]]
+
+
+def test_a_purged_split_passes_split_hygiene(dataset):
+    rows, b = dataset
+    report = check_split_hygiene(assign_splits(rows, b), b.val_start, b.test_start, b.embargo)
+    assert report.passed, report.summary()
+
+
+def test_an_unpurged_split_fails_split_hygiene(dataset):
+    rows, b = dataset
+    unpurged = rows.with_columns(
+        split=pl.when(pl.col("ts") < b.val_start)
+        .then(pl.lit("train"))
+        .when(pl.col("ts") < b.test_start)
+        .then(pl.lit("val"))
+        .otherwise(pl.lit("test"))
+    )
+    report = check_split_hygiene(unpurged, b.val_start, b.test_start, b.embargo)
+    assert not report.passed
+    train_bad = report.offending.filter(pl.col("split") == "train")
+    assert train_bad.height > 0
+    assert (train_bad["label_end_ts"].drop_nulls() >= b.val_start - b.embargo).all()
+    assert "split_hygiene" in report.summary()
+
+
+def test_scaler_on_training_rows_passes_and_one_on_all_rows_fails(dataset):
+    rows, b = dataset
+    data = assign_splits(rows, b)
+    is_train = data["split"] == TRAIN
+
+    def on_train(d):
+        return Standardizer.fit(d.filter(pl.col("split") == TRAIN), COLS)
+
+    def on_all(d):
+        return Standardizer.fit(d, COLS)
+
+    assert check_fit_independence(on_train, data, is_train, COLS).passed
+    assert check_scaler_matches_training_rows(on_train(data), data, COLS).passed
+    leaky = check_fit_independence(on_all, data, is_train, COLS, name="scaler")
+    assert not leaky.passed
+    assert set(leaky.offending["split"]) == {"val", "test"}
+    mismatch = check_scaler_matches_training_rows(on_all(data), data, COLS)
+    assert not mismatch.passed
+    assert "log_ret_1" in mismatch.offending["column"].to_list()
+
+
+# --- Dagster: the checks run as blocking asset checks --------------------------------------------
+
+GRAPH = [*INGEST_ASSETS, features, labels, training_dataset]
+CHECKS = [*QUALITY_CHECKS, *LEAKAGE_CHECKS]
+DOWNSTREAM = [features, labels, training_dataset]
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory):
+    root = tmp_path_factory.mktemp("leakage") / "data"
+    result = dg.materialize(
+        [*GRAPH, *CHECKS],
+        selection=INGEST_ASSETS,
+        resources=default_resources(str(root)),
+        tags={
+            "dagster/asset_partition_range_start": "2019-01-01",
+            "dagster/asset_partition_range_end": "2020-12-31",
+        },
+    )
+    assert result.success
+    return root
+
+
+def _materialized(result) -> set[str]:
+    return {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+
+
+def test_clean_pipeline_passes_every_leakage_check(ingested, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(ingested, root)
+    result = dg.materialize(
+        [*GRAPH, *CHECKS], selection=DOWNSTREAM, resources=default_resources(str(root))
+    )
+    assert result.success
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    leakage = {s.key.name for c in LEAKAGE_CHECKS for s in c.check_specs}
+    assert leakage <= set(checks)
+    assert all(checks[n].passed for n in leakage), {n: checks[n].description for n in leakage}
+    assert checks["features_quality"].passed, checks["features_quality"].description
+    assert _materialized(result) == {"features", "labels", "training_dataset"}
+
+
+def test_a_leaky_feature_blocks_everything_downstream(ingested, tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    shutil.copytree(ingested, root)
+    monkeypatch.setattr(asset_features, "compute_features", _future_return)
+    monkeypatch.setattr(ml_features, "compute_features", _future_return)
+    result = dg.materialize(
+        [*GRAPH, *CHECKS],
+        selection=DOWNSTREAM,
+        resources=default_resources(str(root)),
+        raise_on_error=False,
+    )
+    assert not result.success
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    failed = checks["features_truncation_invariance"]
+    assert not failed.passed
+    assert "log_ret_1" in failed.description
+    assert checks["labels_alignment"].passed
+    assert _materialized(result) == {"features", "labels"}  # training_dataset never ran
