@@ -83,10 +83,8 @@ def labels_alignment(
 ) -> dg.AssetCheckResult:
     lake = warehouse.lake()
     meta = lake.read_meta("labels")
-    cfg = dict(meta["config"])
-    cfg["horizons"] = tuple(cfg["horizons"])
     report = check_label_alignment(
-        lake.read("labels"), meta["columns"], LabelConfig(**cfg).max_horizon
+        lake.read("labels"), meta["columns"], LabelConfig.from_dict(meta["config"]).max_horizon
     )
     return _result(context, report)
 

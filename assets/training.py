@@ -35,13 +35,6 @@ class ModelSettings(dg.Config):
     seed: int = 7
 
 
-def _label_config(meta: dict) -> LabelConfig:
-    """The label definition recorded with the training dataset."""
-    cfg = dict(meta["label_config"])
-    cfg["horizons"] = tuple(cfg["horizons"])
-    return LabelConfig(**cfg)
-
-
 @dg.asset(
     deps=[features, labels],
     group_name="training",
@@ -124,7 +117,7 @@ def model(
     lake, store = warehouse.lake(), warehouse.artifacts()
     meta = lake.read_meta("training_dataset")
     data = lake.read("training_dataset")
-    target = f"direction_{_label_config(meta).direction_horizon}"
+    target = f"direction_{LabelConfig.from_dict(meta['label_config']).direction_horizon}"
     cfg = GBMConfig(
         learning_rate=config.learning_rate,
         max_rounds=config.max_rounds,
@@ -240,7 +233,7 @@ def predictions(
     gbm = DirectionGBM.load(art.path)
     train = data.filter((pl.col("split") == TRAIN) & pl.col(target).is_not_null())
     oos = data.filter(pl.col("split") != TRAIN).sort(["symbol", "ts"])
-    pers = Persistence(_label_config(meta)).fit(train, target)
+    pers = Persistence(LabelConfig.from_dict(meta["label_config"])).fit(train, target)
     probs = {
         "lightgbm": gbm.predict_proba(oos),
         "climatology": climatology(train[target].to_numpy(), oos.height),

@@ -195,34 +195,46 @@ class CausalSelfAttention(nn.Module):
         return y, AttentionState(k[:, :, keep:], v[:, :, keep:])
 
 
-class Block(nn.Module):
-    """x + mixer(norm(x)), then x + mlp(norm2(x)); the mixer is Mamba2 or attention."""
+class ResidualBlock(nn.Module):
+    """x + mixer(norm(x)), then x + mlp(norm2(x)), for any stateful sequence mixer.
 
-    def __init__(self, cfg: BackboneConfig, index: int) -> None:
+    The mixer is called as mixer(h, state) -> (h, state) and has init_state(batch, device,
+    dtype); the Mamba2 blocks and the sequence baselines differ only in their mixer.
+    """
+
+    def __init__(
+        self, mixer: nn.Module, d_model: int, norm_eps: float, mlp_hidden: int, dropout: float
+    ) -> None:
         super().__init__()
-        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mixer: Mamba2 | CausalSelfAttention
-        if cfg.is_attention_layer(index):
-            self.mixer = CausalSelfAttention(cfg.d_model, cfg.attn_heads, cfg.attn_window)
-        else:
-            self.mixer = Mamba2(cfg.mamba2())
-        self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = GatedMLP(cfg.d_model, cfg.mlp_hidden_size)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.mixer = mixer
+        self.norm2 = nn.RMSNorm(d_model, eps=norm_eps)
+        self.mlp = GatedMLP(d_model, mlp_hidden)
+        self.dropout = nn.Dropout(dropout)
 
     def init_state(
         self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> LayerState:
+    ) -> Any:
         return self.mixer.init_state(batch, device, dtype)
 
-    def forward(
-        self, x: torch.Tensor, state: LayerState | None = None
-    ) -> tuple[torch.Tensor, LayerState]:
+    def forward(self, x: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         """x: (B, L, d_model) -> (B, L, d_model) and the mixer's new state."""
         h, state = self.mixer(self.norm(x), state)
         x = x + self.dropout(h)
         x = x + self.dropout(self.mlp(self.norm2(x)))
         return x, state
+
+
+class Block(ResidualBlock):
+    """The backbone's block: the mixer is Mamba2, or attention on every `attn_every`-th layer."""
+
+    def __init__(self, cfg: BackboneConfig, index: int) -> None:
+        mixer: Mamba2 | CausalSelfAttention
+        if cfg.is_attention_layer(index):
+            mixer = CausalSelfAttention(cfg.d_model, cfg.attn_heads, cfg.attn_window)
+        else:
+            mixer = Mamba2(cfg.mamba2())
+        super().__init__(mixer, cfg.d_model, cfg.norm_eps, cfg.mlp_hidden_size, cfg.dropout)
 
     def step(self, x_t: torch.Tensor, state: LayerState) -> tuple[torch.Tensor, LayerState]:
         """x_t: (B, d_model), one position."""

@@ -34,6 +34,11 @@ class LabelConfig:
                 f"label horizons {self.horizons}"
             )
 
+    @classmethod
+    def from_dict(cls, d: dict) -> LabelConfig:
+        """The config as recorded in a `_meta.json` (JSON turned its tuples into lists)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
     @property
     def max_horizon(self) -> int:
         return max(*self.horizons, self.vol_window, self.path_horizon)

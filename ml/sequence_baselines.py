@@ -30,7 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ml.backbone import BackboneConfig, Forecaster, GatedMLP, LayerStack, count_parameters
+from ml.backbone import (
+    BackboneConfig,
+    Forecaster,
+    LayerStack,
+    ResidualBlock,
+    count_parameters,
+)
 
 Kind = Literal["lstm", "gru", "transformer", "cnn_lstm"]
 KINDS: tuple[Kind, ...] = ("lstm", "gru", "transformer", "cnn_lstm")
@@ -275,38 +281,20 @@ class RotaryCausalAttention(nn.Module):
 MixerState = RecurrentState | KVWindowState
 
 
-class BaselineBlock(nn.Module):
-    """x + mixer(norm(x)), then x + mlp(norm2(x)): the backbone's Block with another mixer."""
+class BaselineBlock(ResidualBlock):
+    """The backbone's residual block with an LSTM, GRU, attention or CNN-LSTM mixer."""
 
     def __init__(self, cfg: SequenceBaselineConfig) -> None:
-        super().__init__()
-        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mixer: RecurrentMixer | RotaryCausalAttention
+        mixer: RecurrentMixer | RotaryCausalAttention
         if cfg.kind == "transformer":
-            self.mixer = RotaryCausalAttention(
+            mixer = RotaryCausalAttention(
                 cfg.d_model, cfg.attn_heads, cfg.attn_window, cfg.rope_base
             )
         elif cfg.kind == "cnn_lstm":
-            self.mixer = RecurrentMixer(cfg.d_model, "lstm", conv_width=cfg.conv_width)
+            mixer = RecurrentMixer(cfg.d_model, "lstm", conv_width=cfg.conv_width)
         else:
-            self.mixer = RecurrentMixer(cfg.d_model, cfg.kind)  # type: ignore[arg-type]
-        self.norm2 = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mlp = GatedMLP(cfg.d_model, cfg.mlp_hidden_size)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def init_state(
-        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> MixerState:
-        return self.mixer.init_state(batch, device, dtype)
-
-    def forward(
-        self, x: torch.Tensor, state: MixerState | None = None
-    ) -> tuple[torch.Tensor, MixerState]:
-        """x: (B, L, d_model) -> (B, L, d_model) and the mixer's new state."""
-        h, state = self.mixer(self.norm(x), state)
-        x = x + self.dropout(h)
-        x = x + self.dropout(self.mlp(self.norm2(x)))
-        return x, state
+            mixer = RecurrentMixer(cfg.d_model, cfg.kind)  # type: ignore[arg-type]
+        super().__init__(mixer, cfg.d_model, cfg.norm_eps, cfg.mlp_hidden_size, cfg.dropout)
 
 
 class SequenceBaseline(LayerStack):
