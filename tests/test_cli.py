@@ -40,13 +40,9 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-@pytest.mark.slow
-def test_dagster_asset_materialize_one_partition_lands_in_the_warehouse_and_the_instance(
-    tmp_path, monkeypatch
-):
-    env = _env(tmp_path)
-    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
-    cmd = [
+def _ingest_command(day: str) -> list[str]:
+    """The real CLI: materialize the three ingest assets for one daily partition."""
+    return [
         str(BIN / "dagster"),
         "asset",
         "materialize",
@@ -55,8 +51,17 @@ def test_dagster_asset_materialize_one_partition_lands_in_the_warehouse_and_the_
         "--select",
         "ohlcv_bars,onchain_metrics,macro_series",
         "--partition",
-        "2024-01-02",
+        day,
     ]
+
+
+@pytest.mark.slow
+def test_dagster_asset_materialize_one_partition_lands_in_the_warehouse_and_the_instance(
+    tmp_path, monkeypatch
+):
+    env = _env(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
+    cmd = _ingest_command("2024-01-02")
     for _ in range(2):  # the second run replaces the partition instead of adding to it
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -132,17 +137,7 @@ def test_two_cli_runs_writing_different_partitions_at_once_both_succeed(tmp_path
     env = _env(tmp_path)
     procs = [
         subprocess.Popen(
-            [
-                str(BIN / "dagster"),
-                "asset",
-                "materialize",
-                "-m",
-                "pipelines.definitions",
-                "--select",
-                "ohlcv_bars,onchain_metrics,macro_series",
-                "--partition",
-                day,
-            ],
+            _ingest_command(day),
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
