@@ -4,6 +4,8 @@ Recomputing is cheap (polars over the full table) and avoids stale labels: the l
 changes as the bars after it arrive.
 """
 
+from dataclasses import asdict
+
 import dagster as dg
 
 from assets.ingest import macro_series, ohlcv_bars, onchain_metrics
@@ -53,24 +55,26 @@ def features(
     ohlcv = store.read("ohlcv")
     _require_rows("ohlcv", ohlcv.height)
     frame = compute_features(ohlcv, store.read("onchain"), store.read("macro"), cfg)
-    files = lake.write_snapshot("features", frame, time_column="ts")
     version = cfg.version()
-    lake.write_meta(
+    files = lake.write_snapshot(
         "features",
-        {
-            "version": version,
+        frame,
+        time_column="ts",
+        version=version,
+        meta={
+            "config": asdict(cfg),
             "model_columns": model_feature_columns(cfg),
             # null for symbols without on-chain data: not a sign of warm-up
             "onchain_columns": onchain_feature_columns(cfg),
         },
     )
-    store.refresh_lake_views(lake.root, ["features"])
+    store.refresh_lake_views(lake, ["features"])
     context.log.info(f"features: {frame.height} rows x {frame.width} columns in {len(files)} files")
     return dg.MaterializeResult(
         metadata={
             **frame_summary(frame),
             "feature_version": version,
-            "path": dg.MetadataValue.path(str(lake.table_dir("features"))),
+            "path": dg.MetadataValue.path(str(lake.version_dir("features", version))),
             "files": len(files),
             "model_columns": dg.MetadataValue.json(model_feature_columns(cfg)),
             "preview": table_md(
@@ -98,12 +102,15 @@ def labels(
     ohlcv = store.read("ohlcv")
     _require_rows("ohlcv", ohlcv.height)
     frame = compute_labels(ohlcv, cfg)
-    files = lake.write_snapshot("labels", frame, time_column="ts")
     version = cfg.version()
-    lake.write_meta(
-        "labels", {"version": version, "config": cfg.__dict__, "columns": label_columns(cfg)}
+    files = lake.write_snapshot(
+        "labels",
+        frame,
+        time_column="ts",
+        version=version,
+        meta={"config": asdict(cfg), "columns": label_columns(cfg)},
     )
-    store.refresh_lake_views(lake.root, ["labels"])
+    store.refresh_lake_views(lake, ["labels"])
     direction = f"direction_{cfg.direction_horizon}"
     counts = frame[direction].drop_nulls().value_counts().sort(direction)
     balance = {DIRECTION_CLASSES[int(k)]: int(v) for k, v in counts.iter_rows()}
@@ -112,7 +119,7 @@ def labels(
         metadata={
             **frame_summary(frame),
             "label_version": version,
-            "path": dg.MetadataValue.path(str(lake.table_dir("labels"))),
+            "path": dg.MetadataValue.path(str(lake.version_dir("labels", version))),
             "files": len(files),
             "direction_class_counts": dg.MetadataValue.json(balance),
             "null_counts": dg.MetadataValue.json(

@@ -20,6 +20,8 @@ from pipelines.resources import WarehouseResource
 from warehouse.artifacts import content_version, frame_fingerprint
 
 SPLIT = "holdout"  # the partition of model / evaluation / backtest artifacts for the single split
+# lake versions kept of the tables whose version changes with the data (dataset, predictions)
+KEEP_VERSIONS = 5
 
 
 class SplitSettings(dg.Config):
@@ -71,11 +73,13 @@ def training_dataset(
         cfg.__dict__,
         frame_fingerprint(data),
     )
-    lake.write_snapshot("training_dataset", data, time_column="ts")
-    lake.write_meta(
+    lake.write_snapshot(
         "training_dataset",
-        {
-            "version": version,
+        data,
+        time_column="ts",
+        version=version,
+        keep_versions=KEEP_VERSIONS,
+        meta={
             "feature_version": fmeta["version"],
             "label_version": lmeta["version"],
             "feature_columns": cols,
@@ -85,6 +89,7 @@ def training_dataset(
             "purged_rows": purged,
         },
     )
+    warehouse.warehouse().refresh_lake_views(lake, ["training_dataset"])
     context.log.info(
         f"training_dataset {version}: {counts}, {purged} rows purged, "
         f"val from {bounds.val_start:%Y-%m-%d}, test from {bounds.test_start:%Y-%m-%d}"
@@ -97,7 +102,7 @@ def training_dataset(
             "purged_rows": purged,
             "val_start": str(bounds.val_start.date()),
             "test_start": str(bounds.test_start.date()),
-            "path": dg.MetadataValue.path(str(lake.table_dir("training_dataset"))),
+            "path": dg.MetadataValue.path(str(lake.version_dir("training_dataset", version))),
         }
     )
 
@@ -261,16 +266,21 @@ def predictions(
     out = out.with_columns(
         lightgbm_version=pl.lit(art.version), mamba2_version=pl.lit(mamba.version)
     )
-    lake.write_snapshot("predictions", out, time_column="ts")
-    lake.write_meta(
+    pred_version = content_version("predictions", art.version, mamba.version, meta["version"])
+    lake.write_snapshot(
         "predictions",
-        {
+        out,
+        time_column="ts",
+        version=pred_version,
+        keep_versions=KEEP_VERSIONS,
+        meta={
             "model_version": art.version,
             "mamba2_version": mamba.version,
             "data_version": meta["version"],
             "target": target,
         },
     )
+    warehouse.warehouse().refresh_lake_views(lake, ["predictions"])
     latest = (
         out.sort("ts")
         .group_by("symbol", maintain_order=True)
@@ -297,7 +307,8 @@ def predictions(
             **frame_summary(out),
             "model_version": art.version,
             "mamba2_version": mamba.version,
-            "path": dg.MetadataValue.path(str(lake.table_dir("predictions"))),
+            "predictions_version": pred_version,
+            "path": dg.MetadataValue.path(str(lake.version_dir("predictions", pred_version))),
             "latest_forecast": table_md(latest),
         }
     )

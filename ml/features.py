@@ -12,9 +12,22 @@ from datetime import timedelta
 
 import polars as pl
 
-from ml.indicators import atr, bbands, ema, macd, mom, natr, roc, rsi, sma
+from ml.indicators import (
+    bbands_from,
+    ema,
+    macd_names,
+    mom,
+    natr_from_atr,
+    per_symbol,
+    rma,
+    roc,
+    rolling_pstd,
+    rsi_from_averages,
+    sma,
+    true_range,
+)
 
-FEATURES_CODE_VERSION = "2"
+FEATURES_CODE_VERSION = "3"  # 3: hour of day counts seconds
 MACRO_SERIES = ("DTWEXBGS", "DGS10", "DGS2", "T10Y2Y")
 # Willy Woo's difficulty ribbon: simple moving averages of difficulty over these many days
 DIFFICULTY_RIBBON_DAYS = (9, 14, 25, 40, 60, 90, 128, 200)
@@ -86,10 +99,10 @@ def model_feature_columns(cfg: FeatureConfig) -> list[str]:
     ]
     for s in MACRO_SERIES:
         cols += [s, f"{s}_chg_{cfg.macro_change_window}"]
-    # only the on-chain columns that assets/training.py exempts from its null filter: the others
-    # are null for non-BTC symbols and would drop those rows until it uses onchain_feature_columns
-    cols += ["hash_rate_ratio_30_60", "fees_per_tx"]
-    return cols
+    # null for symbols without on-chain data: the training dataset exempts them from its
+    # warm-up null filter, LightGBM splits on missing values and the sequence models see 0
+    # (the training mean) after scaling
+    return cols + onchain_feature_columns(cfg)
 
 
 def compute_features(
@@ -105,79 +118,146 @@ def compute_features(
         (daily; bar d of BTC-* symbols gets day d-1's row, since a day's on-chain totals are
         known only when the day ends). May be empty.
     macro: series, date, value, published (joined as of `published` <= bar date). May be empty.
+
+    Each symbol's bars are computed apart and in parallel (no windowed `.over` expressions), in
+    stages so that every intermediate (EMA, true range, MACD line) is computed once.
     """
-    lf = ohlcv.lazy().sort(["symbol", "ts"]).with_columns(date=pl.col("ts").dt.date())
-    lf = lf.with_columns(_price_indicators(cfg)).with_columns(_price_ratios(cfg))
-    lf = lf.with_columns(_cyclical_time())
-    lf = _join_macro(lf, macro, cfg)
-    lf = _join_onchain(lf, onchain, cfg)
-    return lf.drop("date").sort(["symbol", "ts"]).collect()
+    days = ohlcv.lazy().select(pl.col("ts").dt.date().unique().alias("date"))
+    daily = _by_day(days, macro, cfg).collect()
+    daily_onchain = _onchain_by_day(onchain, cfg).collect()
+    names = feature_columns(cfg)
+
+    def build(bars: pl.LazyFrame) -> pl.LazyFrame:
+        lf = _price_features(bars, cfg).with_columns(*_hour_of_day(), date=pl.col("ts").dt.date())
+        lf = lf.join(daily.lazy(), on="date", how="left", maintain_order="left")
+        lf = lf.join(daily_onchain.lazy(), on=["symbol", "date"], how="left", maintain_order="left")
+        return lf.select(*ohlcv.columns, *names)
+
+    return per_symbol(ohlcv, build)
 
 
-def _price_indicators(cfg: FeatureConfig) -> list[pl.Expr]:
-    """Indicators on the bars of each symbol, in pandas-ta units where pandas-ta has them."""
-    by = "symbol"
-    close, high, low = pl.col("close"), pl.col("high"), pl.col("low")
-    log_close = close.log()
-    log1p_volume = pl.col("volume").log1p()
-    log_ret_1 = log_close.diff().over(by)
-    vz = cfg.volume_z_window
-    exprs = {
-        "log_close": log_close,
-        "log1p_volume": log1p_volume,
-        **{f"log_ret_{w}": log_close.diff(w).over(by) for w in cfg.return_windows},
-        **{f"EMA_{n}": ema(close, n, by) for n in cfg.ema_lengths},
-        **{f"SMA_{n}": sma(close, n, by) for n in cfg.sma_lengths},
-        f"RSI_{cfg.rsi_length}": rsi(close, cfg.rsi_length, by),
-        **macd(close, *cfg.macd, by),
-        **bbands(close, cfg.bbands_length, cfg.bbands_std, by),
-        f"ATRr_{cfg.atr_length}": atr(high, low, close, cfg.atr_length, by),
-        f"NATR_{cfg.atr_length}": natr(high, low, close, cfg.atr_length, by),
-        f"ROC_{cfg.roc_length}": roc(close, cfg.roc_length, by),
-        f"MOM_{cfg.roc_length}": mom(close, cfg.roc_length, by),
-        f"realized_vol_{cfg.realized_vol_window}": log_ret_1.rolling_std(
-            cfg.realized_vol_window
-        ).over(by),
-        f"range_position_{cfg.range_window}": _range_position(cfg.range_window, by),
-        "log1p_volume_z": (
-            (log1p_volume - log1p_volume.rolling_mean(vz).over(by))
-            / log1p_volume.rolling_std(vz).over(by)
-        ),
-    }
-    return [e.alias(name) for name, e in exprs.items()]
-
-
-def _range_position(window: int, by: str) -> pl.Expr:
-    """Where the close sits in the last `window` bars' low..high range: 0 at the low, 1 at the high."""
-    lowest = pl.col("low").rolling_min(window).over(by)
-    highest = pl.col("high").rolling_max(window).over(by)
-    return (pl.col("close") - lowest) / (highest - lowest)
-
-
-def _price_ratios(cfg: FeatureConfig) -> list[pl.Expr]:
-    """Price-level indicators divided by the close, so a model sees them without the price scale."""
-    close = pl.col("close")
+def feature_columns(cfg: FeatureConfig) -> list[str]:
+    """Every column `compute_features` adds to the bars, in output order."""
+    bb = f"{cfg.bbands_length}_{float(cfg.bbands_std)}"
     suffix = "_".join(map(str, cfg.macd))
-    return (
-        [(close / pl.col(f"EMA_{n}") - 1.0).alias(f"close_over_ema_{n}") for n in cfg.ema_lengths]
-        + [(close / pl.col(f"SMA_{n}") - 1.0).alias(f"close_over_sma_{n}") for n in cfg.sma_lengths]
-        + [
-            (pl.col(f"{name}_{suffix}") / close).alias(f"{name.lower()}_over_close_{suffix}")
-            for name in ("MACD", "MACDh", "MACDs")
-        ]
+    w = cfg.macro_change_window
+    return [
+        "log_close",
+        "log1p_volume",
+        *[f"log_ret_{w}" for w in cfg.return_windows],
+        *[f"EMA_{n}" for n in cfg.ema_lengths],
+        *[f"SMA_{n}" for n in cfg.sma_lengths],
+        f"RSI_{cfg.rsi_length}",
+        *macd_names(*cfg.macd),
+        *[f"{b}_{bb}" for b in ("BBL", "BBM", "BBU", "BBB", "BBP")],
+        f"ATRr_{cfg.atr_length}",
+        f"NATR_{cfg.atr_length}",
+        f"ROC_{cfg.roc_length}",
+        f"MOM_{cfg.roc_length}",
+        f"realized_vol_{cfg.realized_vol_window}",
+        f"range_position_{cfg.range_window}",
+        "log1p_volume_z",
+        *[f"close_over_ema_{n}" for n in cfg.ema_lengths],
+        *[f"close_over_sma_{n}" for n in cfg.sma_lengths],
+        *[f"{name.lower()}_over_close_{suffix}" for name in ("MACD", "MACDh", "MACDs")],
+        "hour_sin",
+        "hour_cos",
+        "dow_sin",
+        "dow_cos",
+        "doy_sin",
+        "doy_cos",
+        *[c for s in MACRO_SERIES for c in (s, f"{s}_chg_{w}")],
+        *[f"difficulty_sma_{n}" for n in DIFFICULTY_RIBBON_DAYS],
+        *onchain_feature_columns(cfg),
+    ]
+
+
+def _price_features(bars: pl.LazyFrame, cfg: FeatureConfig) -> pl.LazyFrame:
+    """Indicators on one symbol's bars in time order, in pandas-ta units where pandas-ta has
+    them, then the price-level ones divided by the close for models."""
+    close, high, low = pl.col("close"), pl.col("high"), pl.col("low")
+    fast, slow, sig = cfg.macd
+    ema_lengths = sorted({*cfg.ema_lengths, fast, slow})
+    bb_middle = f"SMA_{cfg.bbands_length}"
+    sma_lengths = sorted({*cfg.sma_lengths, cfg.bbands_length})
+    vz, n_atr = cfg.volume_z_window, cfg.atr_length
+    line, hist, signal = macd_names(*cfg.macd)
+    suffix = "_".join(map(str, cfg.macd))
+
+    # stage 1: inputs several indicators share
+    lf = bars.with_columns(
+        close.log().alias("log_close"),
+        pl.col("volume").log1p().alias("log1p_volume"),
+        close.diff().alias("_change"),
+        true_range(high, low, close).alias("_true_range"),
+    )
+    # stage 2: the averages and windows
+    log_close, log1p_volume, change = pl.col("log_close"), pl.col("log1p_volume"), pl.col("_change")
+    lf = lf.with_columns(
+        *[log_close.diff(w).alias(f"log_ret_{w}") for w in cfg.return_windows],
+        *[ema(close, n).alias(f"EMA_{n}") for n in ema_lengths],
+        *[sma(close, n).alias(f"SMA_{n}") for n in sma_lengths],
+        rolling_pstd(close, cfg.bbands_length).alias("_bb_sd"),
+        rma(change.clip(lower_bound=0.0), cfg.rsi_length).alias("_rsi_up"),
+        rma(change.clip(upper_bound=0.0).abs(), cfg.rsi_length).alias("_rsi_down"),
+        rma(pl.col("_true_range"), n_atr).alias(f"ATRr_{n_atr}"),
+        roc(close, cfg.roc_length).alias(f"ROC_{cfg.roc_length}"),
+        mom(close, cfg.roc_length).alias(f"MOM_{cfg.roc_length}"),
+        log_close.diff()
+        .rolling_std(cfg.realized_vol_window)
+        .alias(f"realized_vol_{cfg.realized_vol_window}"),
+        _range_position(cfg.range_window).alias(f"range_position_{cfg.range_window}"),
+        ((log1p_volume - log1p_volume.rolling_mean(vz)) / log1p_volume.rolling_std(vz)).alias(
+            "log1p_volume_z"
+        ),
+    )
+    # stage 3: what is built from those
+    up, down = pl.col("_rsi_up"), pl.col("_rsi_down")
+    bands = bbands_from(
+        close, pl.col(bb_middle), pl.col("_bb_sd"), cfg.bbands_length, cfg.bbands_std
+    )
+    lf = lf.with_columns(
+        (pl.col(f"EMA_{fast}") - pl.col(f"EMA_{slow}")).alias(line),
+        rsi_from_averages(up, down).alias(f"RSI_{cfg.rsi_length}"),
+        natr_from_atr(pl.col(f"ATRr_{n_atr}"), close).alias(f"NATR_{n_atr}"),
+        *[e.alias(name) for name, e in bands.items()],
+    )
+    lf = lf.with_columns(ema(pl.col(line), sig).alias(signal))
+    lf = lf.with_columns((pl.col(line) - pl.col(signal)).alias(hist))
+    # stage 4: scale-free versions for models
+    return lf.with_columns(
+        *[(close / pl.col(f"EMA_{n}") - 1.0).alias(f"close_over_ema_{n}") for n in cfg.ema_lengths],
+        *[(close / pl.col(f"SMA_{n}") - 1.0).alias(f"close_over_sma_{n}") for n in cfg.sma_lengths],
+        *[
+            (pl.col(name) / close).alias(f"{kind.lower()}_over_close_{suffix}")
+            for kind, name in zip(("MACD", "MACDh", "MACDs"), (line, hist, signal), strict=True)
+        ],
     )
 
 
-def _cyclical_time() -> list[pl.Expr]:
-    """Hour of day (with minutes; constant on daily bars), day of week and day of year on the circle."""
-    ts = pl.col("ts")
-    hour = ts.dt.hour().cast(pl.Float64) + ts.dt.minute().cast(pl.Float64) / 60.0
-    dow = (ts.dt.weekday() - 1).cast(pl.Float64)  # Monday = 0
-    doy = (ts.dt.ordinal_day() - 1).cast(pl.Float64)
-    year_len = pl.when(ts.dt.is_leap_year()).then(366.0).otherwise(365.0)
+def _range_position(window: int) -> pl.Expr:
+    """Where the close sits in the last `window` bars' low..high range: 0 at the low, 1 at the high."""
+    lowest = pl.col("low").rolling_min(window)
+    highest = pl.col("high").rolling_max(window)
+    return (pl.col("close") - lowest) / (highest - lowest)
+
+
+def _hour_of_day() -> list[pl.Expr]:
+    """Hour of day with minutes on the circle (constant on daily bars), per bar."""
+    # seconds into the (UTC) day from the epoch: several times faster than hour() + minute()
+    hour = (pl.col("ts").dt.epoch("s") % 86_400).cast(pl.Float64) / 3600.0
     return [
         (2 * math.pi * hour / 24).sin().alias("hour_sin"),
         (2 * math.pi * hour / 24).cos().alias("hour_cos"),
+    ]
+
+
+def _calendar(date: pl.Expr) -> list[pl.Expr]:
+    """Day of week and day of year on the circle, per date (computed once per day, not per bar)."""
+    dow = (date.dt.weekday() - 1).cast(pl.Float64)  # Monday = 0
+    doy = (date.dt.ordinal_day() - 1).cast(pl.Float64)
+    year_len = pl.when(date.dt.is_leap_year()).then(366.0).otherwise(365.0)
+    return [
         (2 * math.pi * dow / 7).sin().alias("dow_sin"),
         (2 * math.pi * dow / 7).cos().alias("dow_cos"),
         (2 * math.pi * doy / year_len).sin().alias("doy_sin"),
@@ -185,9 +265,12 @@ def _cyclical_time() -> list[pl.Expr]:
     ]
 
 
-def _join_macro(lf: pl.LazyFrame, macro: pl.DataFrame, cfg: FeatureConfig) -> pl.LazyFrame:
-    """As-of join each macro series on its publication date: a value is used only once public."""
+def _by_day(days: pl.LazyFrame, macro: pl.DataFrame, cfg: FeatureConfig) -> pl.LazyFrame:
+    """Per bar date: the calendar features and each macro series as of that date, joined on its
+    publication date (a value is used only once public, and not at all when older than
+    `macro_max_staleness_days`)."""
     w = cfg.macro_change_window
+    lf = days.sort("date").with_columns(_calendar(pl.col("date")))
     for series in MACRO_SERIES:
         s = (
             macro.lazy()
@@ -201,7 +284,7 @@ def _join_macro(lf: pl.LazyFrame, macro: pl.DataFrame, cfg: FeatureConfig) -> pl
             )
             .sort("date")
         )
-        lf = lf.sort("date").join_asof(
+        lf = lf.join_asof(
             s,
             on="date",
             strategy="backward",
@@ -210,8 +293,9 @@ def _join_macro(lf: pl.LazyFrame, macro: pl.DataFrame, cfg: FeatureConfig) -> pl
     return lf
 
 
-def _join_onchain(lf: pl.LazyFrame, onchain: pl.DataFrame, cfg: FeatureConfig) -> pl.LazyFrame:
-    """On-chain daily totals for day d are complete at the end of d: bar d uses day d-1's row.
+def _onchain_by_day(onchain: pl.DataFrame, cfg: FeatureConfig) -> pl.LazyFrame:
+    """On-chain features per (symbol, date). Daily totals for day d are complete at the end of d:
+    bar d uses day d-1's row.
 
     Rolling windows count rows, one per day of the on-chain table.
     """
@@ -226,7 +310,7 @@ def _join_onchain(lf: pl.LazyFrame, onchain: pl.DataFrame, cfg: FeatureConfig) -
         weekly = x.rolling_mean(7).over(by)
         return (weekly / weekly.shift(g).over(by)).log()
 
-    oc = (
+    return (
         onchain.lazy()
         .sort([by, "date"])
         .with_columns(
@@ -262,4 +346,3 @@ def _join_onchain(lf: pl.LazyFrame, onchain: pl.DataFrame, cfg: FeatureConfig) -
             *onchain_feature_columns(cfg),
         )
     )
-    return lf.join(oc, on=["symbol", "date"], how="left")

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 
 import polars as pl
 
+from ml.indicators import per_symbol
+
 LABELS_CODE_VERSION = "2"
 DOWN, FLAT, UP = 0, 1, 2
 DIRECTION_CLASSES = ("down", "flat", "up")
@@ -79,46 +81,46 @@ def direction_from_log_return(r: pl.Expr, cfg: LabelConfig) -> pl.Expr:
     )
 
 
-def _forward_path_quantile(log_close: pl.Expr, q: float, horizon: int, by: str) -> pl.Expr:
+def _forward_path_quantile(log_close: pl.Expr, q: float, horizon: int) -> pl.Expr:
     """Quantile q (linear interpolation, as numpy's default) of log(close_{t+k} / close_t) over
     k = 1..horizon; null unless all `horizon` later bars exist."""
     # log close_t is the same for every k, so the quantile of the path is the quantile of the
     # next `horizon` log closes minus today's
     later = log_close.rolling_quantile(q, "linear", window_size=horizon).shift(-horizon)
-    return (later - log_close).over(by)
+    return later - log_close
 
 
 def compute_labels(ohlcv: pl.DataFrame, cfg: LabelConfig = LabelConfig()) -> pl.DataFrame:
-    """Labels per (symbol, ts), plus `label_end_ts`: the last bar any label of the row looks at."""
-    by = "symbol"
-    lc = pl.col("close").log()
+    """Labels per (symbol, ts), plus `label_end_ts`: the last bar any label of the row looks at.
+
+    Each symbol's bars are labelled apart and in parallel."""
     h_dir = cfg.direction_horizon
-    one_bar = (lc.shift(-1) - lc).over(by)
-    return (
-        ohlcv.lazy()
-        .sort(["symbol", "ts"])
-        .with_columns(
-            [(lc.shift(-h) - lc).over(by).alias(f"fwd_ret_{h}") for h in cfg.horizons]
-            + [
-                one_bar.alias("_next_ret"),
-                pl.col("ts").shift(-cfg.max_horizon).over(by).alias("label_end_ts"),
-            ]
-        )
-        .with_columns(
-            direction_from_log_return(pl.col(f"fwd_ret_{h_dir}"), cfg).alias(f"direction_{h_dir}"),
-            # std of the next `vol_window` one-bar returns: bars t+1 .. t+vol_window
-            pl.col("_next_ret")
-            .rolling_std(cfg.vol_window)
-            .shift(-(cfg.vol_window - 1))
-            .over(by)
-            .alias(f"fwd_vol_{cfg.vol_window}"),
-            *[
-                _forward_path_quantile(lc, q, cfg.path_horizon, by).alias(
-                    path_quantile_column(q, cfg.path_horizon)
+    lc = pl.col("_log_close")
+
+    def build(bars: pl.LazyFrame) -> pl.LazyFrame:
+        return (
+            bars.with_columns(pl.col("close").log().alias("_log_close"))
+            .with_columns(
+                *[(lc.shift(-h) - lc).alias(f"fwd_ret_{h}") for h in cfg.horizons],
+                # std of the next `vol_window` one-bar returns: bars t+1 .. t+vol_window
+                (lc.shift(-1) - lc)
+                .rolling_std(cfg.vol_window)
+                .shift(-(cfg.vol_window - 1))
+                .alias(f"fwd_vol_{cfg.vol_window}"),
+                *[
+                    _forward_path_quantile(lc, q, cfg.path_horizon).alias(
+                        path_quantile_column(q, cfg.path_horizon)
+                    )
+                    for q in cfg.path_quantiles
+                ],
+                pl.col("ts").shift(-cfg.max_horizon).alias("label_end_ts"),
+            )
+            .with_columns(
+                direction_from_log_return(pl.col(f"fwd_ret_{h_dir}"), cfg).alias(
+                    f"direction_{h_dir}"
                 )
-                for q in cfg.path_quantiles
-            ],
+            )
+            .select(["symbol", "ts", *label_columns(cfg), "label_end_ts"])
         )
-        .select(["symbol", "ts", *label_columns(cfg), "label_end_ts"])
-        .collect()
-    )
+
+    return per_symbol(ohlcv.select("symbol", "ts", "close"), build)

@@ -28,7 +28,10 @@ def report(data_dir: str) -> str:
     out += ["", f"Parquet lake: {paths.lake}  (DuckDB views lake_<table> in the warehouse)"]
     for name in ("features", "labels", "training_dataset", "predictions"):
         if lake.exists(name):
-            out.append(f"  {name:<17} {len(lake.files(name)):>3} files  {lake.table_dir(name)}")
+            out.append(
+                f"  {name:<17} {len(lake.files(name)):>3} files  {lake.version_dir(name)}"
+                f"  ({len(lake.versions(name))} version(s) stored)"
+            )
     arts = ArtifactStore(paths.artifacts)
     out += ["", f"Artifacts: {paths.artifacts}"]
     try:

@@ -169,3 +169,15 @@ def test_log_returns_and_cyclical_time(feats, synthetic_ohlcv):
 def test_rsi_stays_within_0_and_100(feats):
     rsi = feats["RSI_14"].drop_nulls()
     assert rsi.min() >= 0 and rsi.max() <= 100
+
+
+def test_feature_version_follows_parameters_and_definitions(monkeypatch):
+    import ml.features
+
+    base = FeatureConfig().version()
+    assert FeatureConfig().version() == base  # stable
+    assert FeatureConfig(rsi_length=21).version() != base
+    assert FeatureConfig(ema_lengths=(12, 26)).version() != base
+    # a changed definition comes with a bumped FEATURES_CODE_VERSION, which changes the version
+    monkeypatch.setattr(ml.features, "FEATURES_CODE_VERSION", "next")
+    assert FeatureConfig().version() != base

@@ -14,6 +14,8 @@ from assets.leakage import LEAKAGE_CHECKS
 from assets.quality import QUALITY_CHECKS
 from ml.backbone import BackboneConfig, Forecaster
 from ml.dataset import Standardizer
+from ml.features import FeatureConfig
+from ml.labels import LabelConfig
 from ml.sequence_data import build_lanes
 from pipelines.definitions import ALL_ASSETS, default_resources
 from pipelines.report import report
@@ -94,8 +96,12 @@ def test_outputs_are_in_the_lake_and_artifact_store(built):
     root, result = built
     paths = DataPaths.at(root)
     lake = Lake(paths.lake)
-    for table in ("features", "labels", "training_dataset", "predictions"):
-        assert lake.exists(table), table
+    with Warehouse(paths).connect() as con:
+        for table in ("features", "labels", "training_dataset", "predictions"):
+            assert lake.exists(table), table
+            # the DuckDB view reads the current version only
+            (n,) = con.sql(f"SELECT count(*) FROM lake_{table}").fetchall()[0]  # noqa: S608
+            assert n == lake.read(table).height > 0, table
     arts = ArtifactStore(paths.artifacts)
     model = arts.latest("model", "holdout")
     arts.verify(model)
@@ -320,3 +326,30 @@ def test_the_mamba2_artifact_reloads_and_reproduces_its_predictions(built):
     saved = pl.read_parquet(art.file("predictions.parquet"))
     assert again.height == saved.height
     assert np.allclose(again["mamba_p_up"], saved["mamba_p_up"], atol=1e-5)
+
+
+def test_feature_and_label_versions_name_their_parquet_paths(built):
+    root, result = built
+    lake = Lake(DataPaths.at(root).lake)
+    for node, key, version in (
+        ("features", "feature_version", FeatureConfig().version()),
+        ("labels", "label_version", LabelConfig().version()),
+    ):
+        md = result.asset_materializations_for_node(node)[0].metadata
+        assert md[key].value == version == lake.current_version(node)
+        assert md["path"].value.endswith(f"version={version}")
+        assert all(f"version={version}" in str(f) for f in lake.files(node))
+
+    default, changed = LabelConfig().version(), LabelConfig(up_threshold=0.1).version()
+    assert default != changed
+    run = _run(
+        root,
+        selection=["labels"],
+        run_config={"ops": {"labels": {"config": {"up_threshold": 0.1}}}},
+    )
+    md = run.asset_materializations_for_node("labels")[0].metadata
+    assert md["path"].value.endswith(f"version={changed}")
+    assert set(lake.versions("labels")) == {default, changed}  # the old version is kept
+    assert lake.read_meta("labels")["config"]["up_threshold"] == 0.1
+    _run(root, selection=["labels"])  # back to the defaults: their path is current again
+    assert lake.current_version("labels") == default

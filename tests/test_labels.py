@@ -105,3 +105,11 @@ def test_path_quantiles_never_cross_symbols():
     lab = compute_labels(pl.concat([a, b])).filter(pl.col("symbol") == "A")
     assert lab["fwd_ret_p90_90"].drop_nulls().max() < 0.0
     assert lab["fwd_ret_p10_90"].null_count() == 90
+
+
+def test_label_version_follows_the_code_version(monkeypatch):
+    import ml.labels
+
+    base = LabelConfig().version()
+    monkeypatch.setattr(ml.labels, "LABELS_CODE_VERSION", "next")
+    assert LabelConfig().version() != base

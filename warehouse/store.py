@@ -13,6 +13,7 @@ import duckdb
 import polars as pl
 from filelock import FileLock, Timeout
 
+from warehouse.lake import Lake
 from warehouse.paths import DataPaths
 from warehouse.schema import (
     TABLES,
@@ -189,8 +190,9 @@ class Warehouse:
         with self.connect() as con:
             return pl.from_arrow(con.sql(sql).to_arrow_table())
 
-    def refresh_lake_views(self, lake_root: Path, tables: Sequence[str]) -> list[str]:
-        """Create or replace a view `lake_<table>` over each Parquet table that has files."""
+    def refresh_lake_views(self, lake: Lake, tables: Sequence[str]) -> list[str]:
+        """Create or replace a view `lake_<table>` over the current version of each lake table
+        that has one (the view then names that version's folder)."""
         made = []
         with self.connect() as con:
             for name in tables:
@@ -198,13 +200,13 @@ class Warehouse:
                     raise SchemaError(
                         f"Invalid lake table name {name!r}: use lower-case letters, digits, _"
                     )
-                files = list((lake_root / name).glob("**/*.parquet"))
-                if not files:
+                if not lake.exists(name):
                     continue
-                # A view body cannot take parameters; the path is ours (validated name, quoted).
-                pattern = str(lake_root / name / "**" / "*.parquet").replace("'", "''")
+                # A view body cannot take parameters; the path is ours (validated name and
+                # version, quoted). The version is a path segment, not a column of the view.
+                pattern = str(lake.version_dir(name) / "**" / "*.parquet").replace("'", "''")
                 con.execute(
-                    f"CREATE OR REPLACE VIEW lake_{name} AS SELECT * FROM "  # noqa: S608
+                    f"CREATE OR REPLACE VIEW lake_{name} AS SELECT * EXCLUDE (version) FROM "  # noqa: S608
                     f"read_parquet('{pattern}', hive_partitioning = true, union_by_name = true)"
                 )
                 made.append(f"lake_{name}")
