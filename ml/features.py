@@ -31,6 +31,7 @@ FEATURES_CODE_VERSION = "3"  # 3: hour of day counts seconds
 MACRO_SERIES = ("DTWEXBGS", "DGS10", "DGS2", "T10Y2Y")
 # Willy Woo's difficulty ribbon: simple moving averages of difficulty over these many days
 DIFFICULTY_RIBBON_DAYS = (9, 14, 25, 40, 60, 90, 128, 200)
+CALENDAR_COLUMNS = ("hour_sin", "hour_cos", "dow_sin", "dow_cos", "doy_sin", "doy_cos")
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,11 @@ def onchain_feature_columns(cfg: FeatureConfig) -> list[str]:
     ]
 
 
+def macro_feature_columns(cfg: FeatureConfig) -> list[str]:
+    """Each macro series as of the bar date and its change over the last `macro_change_window` observations."""
+    return [c for s in MACRO_SERIES for c in (s, f"{s}_chg_{cfg.macro_change_window}")]
+
+
 def model_feature_columns(cfg: FeatureConfig) -> list[str]:
     """Scale-free columns a model may use (price-level indicators are kept for people, not models)."""
     fast, slow, sig = cfg.macd
@@ -90,15 +96,9 @@ def model_feature_columns(cfg: FeatureConfig) -> list[str]:
         f"realized_vol_{cfg.realized_vol_window}",
         f"range_position_{cfg.range_window}",
         "log1p_volume_z",
-        "hour_sin",
-        "hour_cos",
-        "dow_sin",
-        "dow_cos",
-        "doy_sin",
-        "doy_cos",
+        *CALENDAR_COLUMNS,
     ]
-    for s in MACRO_SERIES:
-        cols += [s, f"{s}_chg_{cfg.macro_change_window}"]
+    cols += macro_feature_columns(cfg)
     # null for symbols without on-chain data: the training dataset exempts them from its
     # warm-up null filter, LightGBM splits on missing values and the sequence models see 0
     # (the training mean) after scaling
@@ -140,7 +140,6 @@ def feature_columns(cfg: FeatureConfig) -> list[str]:
     """Every column `compute_features` adds to the bars, in output order."""
     bb = f"{cfg.bbands_length}_{float(cfg.bbands_std)}"
     suffix = "_".join(map(str, cfg.macd))
-    w = cfg.macro_change_window
     return [
         "log_close",
         "log1p_volume",
@@ -160,13 +159,8 @@ def feature_columns(cfg: FeatureConfig) -> list[str]:
         *[f"close_over_ema_{n}" for n in cfg.ema_lengths],
         *[f"close_over_sma_{n}" for n in cfg.sma_lengths],
         *[f"{name.lower()}_over_close_{suffix}" for name in ("MACD", "MACDh", "MACDs")],
-        "hour_sin",
-        "hour_cos",
-        "dow_sin",
-        "dow_cos",
-        "doy_sin",
-        "doy_cos",
-        *[c for s in MACRO_SERIES for c in (s, f"{s}_chg_{w}")],
+        *CALENDAR_COLUMNS,
+        *macro_feature_columns(cfg),
         *[f"difficulty_sma_{n}" for n in DIFFICULTY_RIBBON_DAYS],
         *onchain_feature_columns(cfg),
     ]
