@@ -4,6 +4,7 @@ The logic is in ml/leakage.py; each check reads its inputs, runs one rule and re
 offending rows. A failure stops everything downstream of the checked asset in the same run.
 """
 
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 import dagster as dg
@@ -11,7 +12,7 @@ import polars as pl
 
 import ml.features as ml_features
 from assets.features import features, labels
-from assets.metadata import table_md
+from assets.metadata import check_result
 from assets.training import training_dataset
 from ml.dataset import TRAIN
 from ml.labels import LabelConfig
@@ -27,38 +28,54 @@ from ml.leakage import (
 )
 from pipelines.resources import WarehouseResource
 
-
-def _result(context: dg.AssetCheckExecutionContext, *reports: LeakageReport) -> dg.AssetCheckResult:
-    for r in reports:
-        (context.log.info if r.passed else context.log.error)(r.summary())
-    failed = [r for r in reports if not r.passed]
-    metadata: dict = {
-        "rules": dg.MetadataValue.json({r.rule: r.passed for r in reports}),
-        "rows_checked": max(r.checked for r in reports),
-        "offending_rows": sum(r.offending.height for r in failed),
-    }
-    for i, r in enumerate(failed):
-        metadata[f"offending_{i}"] = table_md(r.offending, rows=20)
-    text = "\n".join(r.summary() for r in (failed or reports))
-    return dg.AssetCheckResult(
-        passed=not failed,
-        severity=dg.AssetCheckSeverity.ERROR,
-        description=text[:2000],
-        metadata=metadata,
-    )
+Rules = Callable[[WarehouseResource], list[LeakageReport]]
 
 
-@dg.asset_check(
-    asset=features,
-    name="features_truncation_invariance",
-    blocking=True,
-    description="Recomputes the features on the raw tables cut at three dates (bars before the "
-    "cut, on-chain days over before it, macro values published before it) and requires the "
-    "model columns to equal the full run's on every row before each cut.",
-)
-def features_truncation_invariance(
-    context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource
-) -> dg.AssetCheckResult:
+def _leakage_check(
+    asset: dg.AssetsDefinition, name: str
+) -> Callable[[Rules], dg.AssetChecksDefinition]:
+    """Declare the blocking check `name` on `asset` from a function that runs its rules.
+
+    The function's docstring, with its line breaks folded, is the check's description, so each
+    check states its rule once. Every rule's verdict is logged; the failed ones are reported
+    with their offending rows.
+    """
+
+    def declare(rules: Rules) -> dg.AssetChecksDefinition:
+        @dg.asset_check(
+            asset=asset,
+            name=name,
+            blocking=True,
+            description=" ".join((rules.__doc__ or "").split()),
+        )
+        def check(
+            context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource
+        ) -> dg.AssetCheckResult:
+            reports = rules(warehouse)
+            for r in reports:
+                (context.log.info if r.passed else context.log.error)(r.summary())
+            failed = [r for r in reports if not r.passed]
+            return check_result(
+                passed=not failed,
+                summary="\n".join(r.summary() for r in (failed or reports)),
+                metadata={
+                    "rules": dg.MetadataValue.json({r.rule: r.passed for r in reports}),
+                    "rows_checked": max(r.checked for r in reports),
+                    "offending_rows": sum(r.offending.height for r in failed),
+                },
+                failing={f"offending_{i}": r.offending for i, r in enumerate(failed)},
+            )
+
+        return check
+
+    return declare
+
+
+@_leakage_check(features, "features_truncation_invariance")
+def features_truncation_invariance(warehouse: WarehouseResource) -> list[LeakageReport]:
+    """Recomputes the features on the raw tables cut at three dates (bars before the cut,
+    on-chain days over before it, macro values published before it) and requires the model
+    columns to equal the full run's on every row before each cut."""
     store, lake = warehouse.warehouse(), warehouse.lake()
     cfg = ml_features.FeatureConfig()
     report = check_truncation_invariance(
@@ -68,37 +85,23 @@ def features_truncation_invariance(
         lambda o, c, m: ml_features.compute_features(o, c, m, cfg),
         lake.read_meta("features")["model_columns"],
     )
-    return _result(context, report)
+    return [report]
 
 
-@dg.asset_check(
-    asset=labels,
-    name="labels_alignment",
-    blocking=True,
-    description="Every label window starts after the row's time (label_end_ts > ts) and the "
-    "last h rows of each h-bar label are null in every symbol.",
-)
-def labels_alignment(
-    context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource
-) -> dg.AssetCheckResult:
+@_leakage_check(labels, "labels_alignment")
+def labels_alignment(warehouse: WarehouseResource) -> list[LeakageReport]:
+    """Every label window starts after the row's time (label_end_ts > ts) and the last h rows
+    of each h-bar label are null in every symbol."""
     lake = warehouse.lake()
     meta = lake.read_meta("labels")
-    report = check_label_alignment(
-        lake.read("labels"), meta["columns"], LabelConfig.from_dict(meta["config"]).max_horizon
-    )
-    return _result(context, report)
+    max_horizon = LabelConfig.from_dict(meta["config"]).max_horizon
+    return [check_label_alignment(lake.read("labels"), meta["columns"], max_horizon)]
 
 
-@dg.asset_check(
-    asset=training_dataset,
-    name="training_split_hygiene",
-    blocking=True,
-    description="No training row's label window reaches val_start - embargo and no validation "
-    "row's reaches test_start - embargo (boundaries from _meta.json 'split').",
-)
-def training_split_hygiene(
-    context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource
-) -> dg.AssetCheckResult:
+@_leakage_check(training_dataset, "training_split_hygiene")
+def training_split_hygiene(warehouse: WarehouseResource) -> list[LeakageReport]:
+    """No training row's label window reaches val_start - embargo and no validation row's
+    reaches test_start - embargo (boundaries from _meta.json 'split')."""
     lake = warehouse.lake()
     split = lake.read_meta("training_dataset")["split"]
     report = check_split_hygiene(
@@ -107,19 +110,13 @@ def training_split_hygiene(
         datetime.fromisoformat(split["test_start"]),
         timedelta(days=int(split["embargo_days"])),
     )
-    return _result(context, report)
+    return [report]
 
 
-@dg.asset_check(
-    asset=training_dataset,
-    name="training_scalers_fit_on_train_only",
-    blocking=True,
-    description="The feature scaler of the Mamba2 training path equals a Standardizer refitted "
-    "on the training rows, and stays the same when every non-training row is perturbed.",
-)
-def training_scalers_fit_on_train_only(
-    context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource
-) -> dg.AssetCheckResult:
+@_leakage_check(training_dataset, "training_scalers_fit_on_train_only")
+def training_scalers_fit_on_train_only(warehouse: WarehouseResource) -> list[LeakageReport]:
+    """The feature scaler of the Mamba2 training path equals a Standardizer refitted on the
+    training rows, and stays the same when every non-training row is perturbed."""
     lake = warehouse.lake()
     meta = lake.read_meta("training_dataset")
     data = lake.read("training_dataset")
@@ -148,7 +145,7 @@ def training_scalers_fit_on_train_only(
     independent = check_fit_independence(
         fit, feats, is_train, cols, same=standardizer_close, name="Mamba2 lanes scaler"
     )
-    return _result(context, matches, independent)
+    return [matches, independent]
 
 
 LEAKAGE_CHECKS = [

@@ -32,3 +32,24 @@ def frame_summary(df: pl.DataFrame, time_col: str = "ts") -> dict[str, dg.Metada
         "first": dg.MetadataValue.text(str(first)),
         "last": dg.MetadataValue.text(str(last)),
     }
+
+
+def check_result(
+    passed: bool,
+    summary: str,
+    metadata: dict[str, Any],
+    failing: dict[str, pl.DataFrame] | None = None,
+    *,
+    rows: int = 20,
+    severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR,
+) -> dg.AssetCheckResult:
+    """An asset check result from a rule report's verdict, shared by the quality and leakage
+    checks: the summary becomes the description (cut to 2,000 characters) and each frame in
+    `failing` a markdown table of its first `rows` rows, so a failure shows the rows behind it."""
+    tables = {key: table_md(frame, rows=rows) for key, frame in (failing or {}).items()}
+    return dg.AssetCheckResult(
+        passed=passed,
+        severity=severity,
+        description=summary[:2000],
+        metadata={**metadata, **tables},
+    )

@@ -12,7 +12,7 @@ import polars as pl
 
 from assets.features import features
 from assets.ingest import INGEST_ASSETS, TABLE_OF
-from assets.metadata import table_md
+from assets.metadata import check_result
 from ml.features import FeatureConfig, onchain_feature_columns
 from pipelines.resources import WarehouseResource
 from warehouse.quality import (
@@ -42,24 +42,25 @@ def _result(
     window: str,
     severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR,
 ) -> dg.AssetCheckResult:
+    """Log the suite's summary and report its failed expectations in one table (rule, count of
+    unexpected rows, a few examples) next to the window it covered."""
     context.log.info(report.summary())
     failures = [
         {"rule": f.rule, "rows": f.unexpected_count, "examples": str(f.examples[:3])}
         for f in report.failures
     ]
-    metadata = {
-        "rows_checked": report.rows,
-        "window": window,
-        "expectations": len(report.outcomes),
-        "failed": len(failures),
-    }
-    if failures:
-        metadata["failures"] = table_md(pl.DataFrame(failures), rows=50)
-    return dg.AssetCheckResult(
+    return check_result(
         passed=report.success,
+        summary=report.summary(),
+        metadata={
+            "rows_checked": report.rows,
+            "window": window,
+            "expectations": len(report.outcomes),
+            "failed": len(failures),
+        },
+        failing={"failures": pl.DataFrame(failures)} if failures else None,
+        rows=50,
         severity=severity,
-        description=report.summary()[:2000],
-        metadata=metadata,
     )
 
 
