@@ -95,11 +95,18 @@ def test_macro_is_published_one_day_after_observation_and_spread_is_consistent(s
         ("onchain", {"assets": ("ETH",)}, "Unknown on-chain assets ['ETH']"),
         ("macro", {"series": ("CPI",)}, "Unknown macro series ['CPI']"),
         ("ohlcv", {"seed": -1}, "non-negative integer"),
+        ("ohlcv", {"symbols": ()}, "No symbols given for source 'synthetic'; choose from ["),
+        ("macro", {"series": ("DGS10", "DGS10")}, "Duplicate macro series in ['DGS10', 'DGS10']"),
+        ("ohlcv", {"timeframe": "5m"}, "Unsupported timeframe '5m' for source 'synthetic'"),
     ],
 )
 def test_bad_options_fail_with_a_message_naming_the_input(table, options, message):
     with pytest.raises(SourceError, match=message.replace("[", r"\[").replace("]", r"\]")):
         make_source(table, "synthetic", **options)
+
+
+def test_a_lone_symbol_string_counts_as_one_symbol():
+    assert make_source("ohlcv", "synthetic", symbols="ACME").entities == ("ACME",)
 
 
 def test_unknown_source_name_lists_the_available_ones():

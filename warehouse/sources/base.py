@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
 
@@ -46,6 +46,76 @@ def day_window(start: datetime, end: datetime, source: str) -> tuple[date, date]
             f"{source}: empty or inverted window: start {start} is not before end {end}"
         )
     return start.date(), end.date()
+
+
+def in_days(first: date, stop: date, col: str = "date") -> pl.Expr:
+    """Rows whose date column `col` falls in the days [first, stop) that day_window returned."""
+    return (pl.col(col) >= first) & (pl.col(col) < stop)
+
+
+def check_entities(
+    given: str | Iterable[Any],
+    *,
+    source: str,
+    what: str = "symbols",
+    hint: str,
+    valid: Callable[[Any], bool],
+    invalid: Callable[[list[Any]], str],
+    normalize: Callable[[Any], str] | None = None,
+) -> tuple[str, ...]:
+    """The symbols / assets / series a connector was given, as a tuple, checked up front.
+
+    Every connector validates its entity list the same way, so a bad option fails before
+    anything is fetched, with a message that names the input and the fix. A lone string counts
+    as one entity. Raises SourceError when the list is empty (`hint` says what to pass), when
+    entries fail `valid` (`invalid` words the message from those entries, as given), or when
+    two entries are the same once `normalize`d (e.g. upper-cased; the result is normalized).
+    """
+    names = (given,) if isinstance(given, str) else tuple(given)
+    if not names:
+        raise SourceError(f"No {what} given for source {source!r}; {hint}")
+    bad = [n for n in names if not valid(n)]
+    if bad:
+        raise SourceError(invalid(bad))
+    out = tuple(normalize(n) for n in names) if normalize else names
+    if len(set(out)) != len(out):
+        raise SourceError(f"Duplicate {what} in {list(names)} for source {source!r}")
+    return out
+
+
+def check_timeframe(timeframe: str, supported: Collection[str], source: str) -> None:
+    """Fail before anything is fetched when `timeframe` is not one of the `supported` ones."""
+    if timeframe not in supported:
+        raise SourceError(
+            f"Unsupported timeframe {timeframe!r} for source {source!r}; "
+            f"use one of {list(supported)}"
+        )
+
+
+def fetch_each_symbol(
+    symbols: Iterable[str],
+    start: datetime,
+    end: datetime,
+    source: str,
+    now: Callable[[], datetime] | None,
+    fetch_symbol: Callable[[str, datetime, datetime, datetime], pl.DataFrame],
+) -> pl.DataFrame:
+    """OHLCV bars of every symbol in [start, end): one `fetch_symbol` call per symbol, stacked.
+
+    The window and the clock (`now`, else utc_now) become naive UTC first, so every symbol is
+    fetched with the same "now" when deciding which bars have closed. An empty window returns
+    no rows without calling the source; an inverted one raises SourceError.
+    """
+    start, end = naive_utc(start), naive_utc(end)
+    if start > end:
+        raise SourceError(
+            f"Inverted window for source {source!r}: start {start} is after end {end}"
+        )
+    if start == end:
+        return empty_frame("ohlcv")
+    current = naive_utc((now or utc_now)())
+    frames = [fetch_symbol(symbol, start, end, current) for symbol in symbols]
+    return pl.concat(frames, how="vertical") if frames else empty_frame("ohlcv")
 
 
 class Source(Protocol):

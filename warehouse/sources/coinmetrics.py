@@ -27,7 +27,15 @@ import polars as pl
 import requests
 
 from warehouse.schema import ONCHAIN
-from warehouse.sources.base import SourceError, SourceFetchError, day_window, empty_frame, register
+from warehouse.sources.base import (
+    SourceError,
+    SourceFetchError,
+    check_entities,
+    day_window,
+    empty_frame,
+    register,
+)
+from warehouse.sources.csvfile import CsvFileSource
 from warehouse.sources.http import get_with_retries
 from warehouse.sources.retry import RetryPolicy
 
@@ -51,22 +59,20 @@ CSV_DATE_COLUMNS = ("time", "date")
 VALUE_COLUMNS = [c for c in ONCHAIN.columns if c not in ("asset", "date")]
 
 
-def _check_assets(assets: tuple[str, ...] | list[str], source: str) -> tuple[str, ...]:
-    if isinstance(assets, str):
-        assets = (assets,)
-    assets = tuple(assets)
-    if not assets:
-        raise SourceError(f"No assets given for source {source!r}; e.g. assets=('BTC',)")
-    bad = [a for a in assets if not isinstance(a, str) or not a.isalnum()]
-    if bad:
-        raise SourceError(
+def _check_assets(assets: str | tuple[str, ...] | list[str], source: str) -> tuple[str, ...]:
+    """Coin Metrics asset codes, upper-cased as the warehouse stores them."""
+    return check_entities(
+        assets,
+        source=source,
+        what="assets",
+        hint="e.g. assets=('BTC',)",
+        valid=lambda a: isinstance(a, str) and a.isalnum(),
+        invalid=lambda bad: (
             f"Invalid asset ids {bad} for source {source!r}; use Coin Metrics asset codes "
             "such as 'BTC' or 'ETH'"
-        )
-    upper = tuple(a.upper() for a in assets)
-    if len(set(upper)) != len(upper):
-        raise SourceError(f"Duplicate assets in {list(assets)} for source {source!r}")
-    return upper
+        ),
+        normalize=str.upper,
+    )
 
 
 @register("onchain", "coinmetrics")
@@ -250,7 +256,7 @@ def _number(value: Any) -> float | None:
 
 @register("onchain", "coinmetrics_csv")
 @dataclass
-class CoinMetricsCsvOnchain:
+class CoinMetricsCsvOnchain(CsvFileSource[list[str]]):
     """Daily on-chain rows from a Coin Metrics CSV file (the `coinmetrics/data` csv layout).
 
     The file needs a `time` or `date` column (ISO date, or a timestamp whose first ten
@@ -268,7 +274,7 @@ class CoinMetricsCsvOnchain:
     def __post_init__(self) -> None:
         self.path = Path(self.path)
         self.assets = _check_assets(self.assets, self.name)
-        self._header()  # fail on a wrong path or layout before any run starts
+        self._layout()  # fail on a wrong path or layout before any run starts
 
     @property
     def entities(self) -> tuple[str, ...]:
@@ -278,43 +284,29 @@ class CoinMetricsCsvOnchain:
         metrics = sorted({m for ms in CSV_METRICS.values() for m in ms})
         return f"a 'time' or 'date' column and metric columns among {metrics}"
 
-    def _header(self) -> list[str]:
-        path = Path(self.path)
-        if not path.is_file():
-            raise SourceError(
-                f"{self.name}: no file at {str(path)!r}; expected a Coin Metrics CSV with "
-                f"{self._expected()}"
-            )
-        try:
-            header = pl.read_csv(path, n_rows=0, infer_schema=False).columns
-        except (pl.exceptions.PolarsError, OSError) as exc:
-            raise SourceError(f"{self.name}: cannot read {str(path)!r} as CSV: {exc}") from exc
+    def _layout(self) -> list[str]:
+        """The file's header, once it has a date column and at least one metric column."""
+        header = self._columns(f"a Coin Metrics CSV with {self._expected()}")
+        where = self._where()
         if not any(c in header for c in CSV_DATE_COLUMNS):
             raise SourceError(
-                f"{self.name}: {str(path)!r} has no date column (columns {header[:8]}...); "
-                f"expected {self._expected()}"
+                f"{where} has no date column (columns {header[:8]}...); expected {self._expected()}"
             )
         if not any(m in header for ms in CSV_METRICS.values() for m in ms):
             raise SourceError(
-                f"{self.name}: {str(path)!r} has none of the on-chain metric columns; "
-                f"expected {self._expected()}"
+                f"{where} has none of the on-chain metric columns; expected {self._expected()}"
             )
         if "asset" not in header and len(self.assets) != 1:
             raise SourceError(
-                f"{self.name}: {str(path)!r} has no 'asset' column, so it holds one asset; "
+                f"{where} has no 'asset' column, so it holds one asset; "
                 f"configure exactly one asset, not {list(self.assets)}"
             )
         return header
 
-    def fetch(self, start: datetime, end: datetime) -> pl.DataFrame:
-        """Rows for the UTC days in [start, end) in the ONCHAIN schema, sorted by asset, date."""
-        first, stop = day_window(start, end, self.name)
-        header = self._header()
-        if first >= stop:
-            return empty_frame("onchain")
-        where = f"{self.name}: {str(self.path)!r}"
+    def _rows(self, raw: pl.DataFrame, header: list[str], in_window: pl.Expr) -> pl.DataFrame:
+        """ONCHAIN rows sorted by asset, date; only cells inside the window must be numeric."""
+        where = self._where()
         date_col = next(c for c in CSV_DATE_COLUMNS if c in header)
-        raw = pl.read_csv(self.path, infer_schema=False)
         day = pl.col(date_col).str.slice(0, 10).str.to_date("%Y-%m-%d", strict=False)
         bad = raw.filter(day.is_null() & pl.col(date_col).is_not_null())
         if bad.height or raw[date_col].null_count():
@@ -329,11 +321,7 @@ class CoinMetricsCsvOnchain:
         for col, candidates in CSV_METRICS.items():
             found = next((c for c in candidates if c in header), None)
             exprs.append(pl.col(found).alias(col) if found else pl.lit(None).alias(col))
-        out = (
-            raw.select(exprs)
-            .filter(pl.col("asset").is_in(list(self.assets)))
-            .filter((pl.col("date") >= first) & (pl.col("date") < stop))
-        )
+        out = raw.select(exprs).filter(pl.col("asset").is_in(list(self.assets))).filter(in_window)
         casted = out.with_columns([pl.col(c).cast(pl.Float64, strict=False) for c in VALUE_COLUMNS])
         for c in VALUE_COLUMNS:
             broken = casted[c].is_null() & out[c].is_not_null()

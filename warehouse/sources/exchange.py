@@ -21,10 +21,11 @@ import polars as pl
 from warehouse.sources.base import (
     SourceError,
     SourceFetchError,
-    empty_frame,
+    check_entities,
+    check_timeframe,
+    fetch_each_symbol,
     naive_utc,
     register,
-    utc_now,
 )
 from warehouse.sources.retry import RetryableError, RetryPolicy, with_retries
 
@@ -96,31 +97,21 @@ class CcxtOHLCV:
                 f"{ccxt.exchanges[:8]} ... ({len(ccxt.exchanges)} in all, listed in "
                 "ccxt.exchanges). Set the source option exchange=<id>, e.g. exchange='binance'."
             )
-        if self.timeframe not in TIMEFRAMES:
-            raise SourceError(
-                f"Unsupported timeframe {self.timeframe!r} for source 'ccxt'; "
-                f"use one of {list(TIMEFRAMES)}"
-            )
-        if isinstance(self.symbols, str):
-            self.symbols = (self.symbols,)
-        self.symbols = tuple(self.symbols)
-        if not self.symbols:
-            raise SourceError(
-                "No symbols given for source 'ccxt'; pass ccxt unified symbols such as "
-                "symbols=('BTC/USDT',)"
-            )
-        if len(set(self.symbols)) != len(self.symbols):
-            raise SourceError(f"Duplicate symbols in {list(self.symbols)} for source 'ccxt'")
+        check_timeframe(self.timeframe, TIMEFRAMES, "ccxt")
+        self.symbols = check_entities(
+            self.symbols,
+            source="ccxt",
+            hint="pass ccxt unified symbols such as symbols=('BTC/USDT',)",
+            valid=_is_unified_symbol,
+            invalid=lambda bad: (
+                f"Symbols {bad} are not ccxt unified symbols; write them as BASE/QUOTE "
+                "(e.g. 'BTC/USDT', or 'BTC/USDT:USDT' for a perpetual)"
+            ),
+        )
         mapped = [warehouse_symbol(s) for s in self.symbols]
         if len(set(mapped)) != len(mapped):
             raise SourceError(
                 f"Symbols {list(self.symbols)} collide once mapped to warehouse names {mapped}"
-            )
-        bad = [s for s in self.symbols if not _is_unified_symbol(s)]
-        if bad:
-            raise SourceError(
-                f"Symbols {bad} are not ccxt unified symbols; write them as BASE/QUOTE "
-                "(e.g. 'BTC/USDT', or 'BTC/USDT:USDT' for a perpetual)"
             )
         if not isinstance(self.page_limit, int) or self.page_limit < 1:
             raise SourceError(f"page_limit must be a positive integer, got {self.page_limit!r}")
@@ -149,16 +140,7 @@ class CcxtOHLCV:
         Raises SourceFetchError naming the exchange, symbol, timeframe and range when a request
         keeps failing, the exchange rejects the request, or a payload is malformed.
         """
-        start, end = naive_utc(start), naive_utc(end)
-        if start > end:
-            raise SourceError(
-                f"Inverted window for source 'ccxt': start {start} is after end {end}"
-            )
-        if start == end:
-            return empty_frame("ohlcv")
-        now = naive_utc((self.now or utc_now)())
-        frames = [self._fetch_symbol(symbol, start, end, now) for symbol in self.symbols]
-        return pl.concat(frames, how="vertical") if frames else empty_frame("ohlcv")
+        return fetch_each_symbol(self.symbols, start, end, "ccxt", self.now, self._fetch_symbol)
 
     # -- internals -----------------------------------------------------------------------------
     def _describe(self, symbol: str, start: datetime, end: datetime) -> str:

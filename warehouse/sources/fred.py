@@ -42,7 +42,16 @@ import requests
 from fredapi import Fred
 
 from warehouse.schema import MACRO
-from warehouse.sources.base import SourceError, SourceFetchError, day_window, empty_frame, register
+from warehouse.sources.base import (
+    SourceError,
+    SourceFetchError,
+    check_entities,
+    day_window,
+    empty_frame,
+    in_days,
+    register,
+)
+from warehouse.sources.csvfile import CsvFileSource
 from warehouse.sources.http import display_url, get_with_retries, parse_retry_after, redact
 from warehouse.sources.retry import RetryableError, RetryPolicy, with_retries
 
@@ -58,21 +67,24 @@ DATE_COLUMNS = ("date", "observation_date")
 _SERIES_ID = re.compile(r"^[A-Z0-9_]{1,64}$")
 
 
+def _series_id(series: object) -> str:
+    return str(series).upper()
+
+
 def _check_series(series: tuple[str, ...] | list[str] | str, source: str) -> tuple[str, ...]:
-    if isinstance(series, str):
-        series = (series,)
-    out = tuple(str(s).upper() for s in series)
-    if not out:
-        raise SourceError(f"No series given for source {source!r}; e.g. series=('DGS10',)")
-    bad = [s for s in out if not _SERIES_ID.match(s)]
-    if bad:
-        raise SourceError(
+    """FRED series ids, upper-cased as FRED writes them."""
+    return check_entities(
+        series,
+        source=source,
+        what="series",
+        hint="e.g. series=('DGS10',)",
+        valid=lambda s: bool(_SERIES_ID.match(_series_id(s))),
+        invalid=lambda bad: (
             f"Invalid FRED series ids {bad} for source {source!r}; ids are letters, digits "
             "and underscores, e.g. 'DGS10'"
-        )
-    if len(set(out)) != len(out):
-        raise SourceError(f"Duplicate series in {list(series)} for source {source!r}")
-    return out
+        ),
+        normalize=_series_id,
+    )
 
 
 def next_business_day(col: str = "date") -> pl.Expr:
@@ -192,9 +204,7 @@ class FredMacro:
                 f"{self.name}: fetching {what} failed: unexpected observation data "
                 f"({type(exc).__name__}: {redact(str(exc), (self.api_key,))})"
             ) from None
-        return df.filter((pl.col("date") >= first) & (pl.col("date") < stop)).with_columns(
-            series=pl.lit(series_id)
-        )
+        return df.filter(in_days(first, stop)).with_columns(series=pl.lit(series_id))
 
     def _classify(self, exc: Exception, what: str, shown: str) -> Exception:
         """A RetryableError for transient failures, else a SourceFetchError; key masked."""
@@ -276,7 +286,7 @@ class FredMacro:
             session=session,
         )
         df = parse_fredgraph_csv(resp.text, series_id, f"{self.name}: fetching {what} failed")
-        return df.filter((pl.col("date") >= first) & (pl.col("date") < stop)).with_columns(
+        return df.filter(in_days(first, stop)).with_columns(
             series=pl.lit(series_id), published=next_business_day()
         )
 
@@ -339,7 +349,7 @@ def _parse_values(
 
 @register("macro", "fred_file")
 @dataclass
-class FredFileMacro:
+class FredFileMacro(CsvFileSource[tuple[str, str, list[str]]]):
     """Macro series from a local CSV in the MACRO schema.
 
     Two layouts: wide (a `date` / `observation_date` column and one column per series id, as
@@ -363,22 +373,13 @@ class FredFileMacro:
     def entities(self) -> tuple[str, ...]:
         return self.series
 
-    def _where(self) -> str:
-        return f"{self.name}: {str(self.path)!r}"
-
     def _layout(self) -> tuple[str, str, list[str]]:
         """("wide" | "long", the date column, the header)."""
         expected = (
             f"a 'date' (or 'observation_date') column plus one column per series "
             f"{list(self.series)}, or long columns series,date,value[,published]"
         )
-        path = Path(self.path)
-        if not path.is_file():
-            raise SourceError(f"{self._where()}: no such file; expected a CSV with {expected}")
-        try:
-            header = pl.read_csv(path, n_rows=0, infer_schema=False).columns
-        except (pl.exceptions.PolarsError, OSError) as exc:
-            raise SourceError(f"{self._where()}: cannot read it as CSV: {exc}") from exc
+        header = self._columns(f"a CSV with {expected}")
         date_col = next((c for c in header if c.lower() in DATE_COLUMNS), None)
         if date_col is None:
             raise SourceError(
@@ -394,15 +395,13 @@ class FredFileMacro:
             )
         return "wide", date_col, header
 
-    def fetch(self, start: datetime, end: datetime) -> pl.DataFrame:
-        """Observations of `series` dated in the days [start, end), MACRO schema, sorted."""
-        first, stop = day_window(start, end, self.name)
-        layout, date_col, header = self._layout()
-        if first >= stop:
-            return empty_frame("macro")
+    def _rows(
+        self, raw: pl.DataFrame, layout: tuple[str, str, list[str]], in_window: pl.Expr
+    ) -> pl.DataFrame:
+        """MACRO rows sorted by series, date; every value in the file must parse."""
+        kind, date_col, header = layout
         where = self._where()
-        raw = pl.read_csv(self.path, infer_schema=False)
-        if layout == "wide":
+        if kind == "wide":
             parts = [
                 _parse_values(raw, date_col, s, where, SourceError).with_columns(
                     series=pl.lit(s), published=next_business_day()
@@ -436,5 +435,4 @@ class FredFileMacro:
                     )
             else:
                 out = out.with_columns(published=next_business_day())
-        window = out.filter((pl.col("date") >= first) & (pl.col("date") < stop))
-        return window.select(list(MACRO.columns)).sort("series", "date")
+        return out.filter(in_window).select(list(MACRO.columns)).sort("series", "date")

@@ -18,7 +18,7 @@ from datetime import date, datetime, timedelta
 import numpy as np
 import polars as pl
 
-from warehouse.sources.base import SourceError, register
+from warehouse.sources.base import SourceError, check_entities, check_timeframe, register
 
 ORIGIN = date(2012, 1, 1)
 HORIZON_END = date(2041, 1, 1)  # exclusive
@@ -44,20 +44,20 @@ _STREAM = {"macro": 1, "market": 2, "onchain": 3, "BTC-USD": 10, "ACME": 11, "GL
 
 
 def check_symbols(
-    symbols: tuple[str, ...] | list[str], known: tuple[str, ...] | list[str], what: str
+    symbols: str | tuple[str, ...] | list[str], known: tuple[str, ...] | list[str], what: str
 ) -> tuple[str, ...]:
-    symbols = tuple(symbols)
-    if not symbols:
-        raise SourceError(f"No {what} given for source 'synthetic'; choose from {list(known)}")
-    unknown = [s for s in symbols if s not in known]
-    if unknown:
-        raise SourceError(
+    """`symbols` as a tuple, each one of the `known` entities this market generates."""
+    return check_entities(
+        symbols,
+        source="synthetic",
+        what=what,
+        hint=f"choose from {list(known)}",
+        valid=lambda s: s in known,
+        invalid=lambda unknown: (
             f"Unknown {what} {unknown} for source 'synthetic'; it generates "
             f"{list(known)}. Pick from those or configure another source."
-        )
-    if len(set(symbols)) != len(symbols):
-        raise SourceError(f"Duplicate {what} in {list(symbols)}")
-    return symbols
+        ),
+    )
 
 
 class SyntheticMarket:
@@ -254,11 +254,7 @@ class SyntheticOHLCV:
 
     def __post_init__(self) -> None:
         self.symbols = check_symbols(self.symbols, tuple(SYMBOLS), "symbols")
-        if self.timeframe not in ("1d", *_MINUTES):
-            raise SourceError(
-                f"Unknown timeframe {self.timeframe!r} for source 'synthetic'; "
-                "use '1d', '1h' or '1m'"
-            )
+        check_timeframe(self.timeframe, ("1d", *_MINUTES), "synthetic")
         self._market = _market(self.seed)
 
     @property

@@ -31,10 +31,11 @@ from yfinance.exceptions import (
 from warehouse.sources.base import (
     SourceError,
     SourceFetchError,
+    check_entities,
+    check_timeframe,
     empty_frame,
-    naive_utc,
+    fetch_each_symbol,
     register,
-    utc_now,
 )
 from warehouse.sources.retry import RetryableError, RetryPolicy, with_retries
 
@@ -81,27 +82,17 @@ class YahooOHLCV:
     table: str = "ohlcv"
 
     def __post_init__(self) -> None:
-        if self.timeframe not in TIMEFRAMES:
-            raise SourceError(
-                f"Unsupported timeframe {self.timeframe!r} for source 'yfinance'; "
-                f"use one of {list(TIMEFRAMES)}"
-            )
-        if isinstance(self.symbols, str):
-            self.symbols = (self.symbols,)
-        self.symbols = tuple(self.symbols)
-        if not self.symbols:
-            raise SourceError(
-                "No symbols given for source 'yfinance'; pass Yahoo tickers such as "
-                "symbols=('SPY',)"
-            )
-        bad = [s for s in self.symbols if not isinstance(s, str) or not _SYMBOL.match(s)]
-        if bad:
-            raise SourceError(
+        check_timeframe(self.timeframe, TIMEFRAMES, "yfinance")
+        self.symbols = check_entities(
+            self.symbols,
+            source="yfinance",
+            hint="pass Yahoo tickers such as symbols=('SPY',)",
+            valid=lambda s: isinstance(s, str) and bool(_SYMBOL.match(s)),
+            invalid=lambda bad: (
                 f"Symbols {bad} cannot be stored: warehouse symbols may only contain letters, "
                 "digits and . _ ^ - (Yahoo FX tickers such as 'EURUSD=X' are not supported)"
-            )
-        if len(set(self.symbols)) != len(self.symbols):
-            raise SourceError(f"Duplicate symbols in {list(self.symbols)} for source 'yfinance'")
+            ),
+        )
         if not isinstance(self.auto_adjust, bool):
             raise SourceError(f"auto_adjust must be True or False, got {self.auto_adjust!r}")
 
@@ -116,16 +107,7 @@ class YahooOHLCV:
         SourceFetchError naming the symbol and the range when Yahoo does not know a symbol, keeps
         failing, or answers with something that is not price data.
         """
-        start, end = naive_utc(start), naive_utc(end)
-        if start > end:
-            raise SourceError(
-                f"Inverted window for source 'yfinance': start {start} is after end {end}"
-            )
-        if start == end:
-            return empty_frame("ohlcv")
-        now = naive_utc((self.now or utc_now)())
-        frames = [self._fetch_symbol(symbol, start, end, now) for symbol in self.symbols]
-        return pl.concat(frames, how="vertical")
+        return fetch_each_symbol(self.symbols, start, end, "yfinance", self.now, self._fetch_symbol)
 
     # -- internals -----------------------------------------------------------------------------
     def _fetch_symbol(

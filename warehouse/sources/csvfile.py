@@ -1,0 +1,75 @@
+"""What the connectors that read one local CSV file of daily rows have in common.
+
+coinmetrics_csv and fred_file check the file when they are built, so that a wrong path or layout
+fails before any run starts, and again on each fetch, since the file may have changed or gone
+since. A fetch reads the whole file with every cell as text, so that each connector can name a
+bad cell itself rather than have polars guess a column type.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from datetime import datetime
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import polars as pl
+
+from warehouse.sources.base import SourceError, day_window, empty_frame, in_days
+
+LayoutT = TypeVar("LayoutT")
+
+
+class CsvFileSource(ABC, Generic[LayoutT]):
+    """Base of a connector dataclass with `path`, `name` and `table` fields.
+
+    A subclass says how its file is laid out (`_layout`, which checks the header read by
+    `_columns` and returns what `_rows` needs) and how the file's text becomes table rows
+    (`_rows`); `fetch` does the rest.
+    """
+
+    path: str | Path
+    name: str
+    table: str
+
+    @abstractmethod
+    def _layout(self) -> LayoutT:
+        """What `_rows` needs to know about the file; SourceError if the file does not fit."""
+
+    @abstractmethod
+    def _rows(self, raw: pl.DataFrame, layout: LayoutT, in_window: pl.Expr) -> pl.DataFrame:
+        """The table's rows from `raw`, the whole file as text, kept where `in_window` holds.
+
+        `in_window` is true for rows whose `date` falls in the days being fetched.
+        """
+
+    def _where(self) -> str:
+        """The source and the file: the start of every message about the file's contents."""
+        return f"{self.name}: {str(self.path)!r}"
+
+    def _columns(self, expected: str) -> list[str]:
+        """The file's column names, read without its rows.
+
+        Raises SourceError naming the file and `expected` (what it should hold) when there is
+        no such file, or naming the parser's complaint when it cannot be read as CSV.
+        """
+        path = Path(self.path)
+        if not path.is_file():
+            raise SourceError(f"{self.name}: no file at {str(path)!r}; expected {expected}")
+        try:
+            return pl.read_csv(path, n_rows=0, infer_schema=False).columns
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise SourceError(f"{self.name}: cannot read {str(path)!r} as CSV: {exc}") from exc
+
+    def fetch(self, start: datetime, end: datetime) -> pl.DataFrame:
+        """Rows for the UTC days in [start, end) in the table's declared schema.
+
+        The layout is checked again first: the file may have changed since the connector was
+        built. An empty window returns no rows without reading the file.
+        """
+        first, stop = day_window(start, end, self.name)
+        layout = self._layout()
+        if first >= stop:
+            return empty_frame(self.table)
+        raw = pl.read_csv(self.path, infer_schema=False)
+        return self._rows(raw, layout, in_days(first, stop))
