@@ -63,7 +63,7 @@ bench: setup instance
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/mamba.py
-	$(BIN)/python benchmarks/features.py --shared-data
+	$(BIN)/python benchmarks/features.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

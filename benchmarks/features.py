@@ -1,7 +1,9 @@
 """Compute the full feature and label set on N synthetic 1-minute bars, and the indicators it
 shares with pandas-ta, by pandas-ta-classic on the same bars.
 
-    python benchmarks/features.py [--rows 5000000] [--shared-data] [--out benchmarks/results/features.json]
+    python benchmarks/features.py [--rows 5000000] [--no-shared-data] [--out benchmarks/results/features.json]
+
+It also runs on ../shared/data's hourly Bitcoin file when that folder is present.
 
 On-chain and macro inputs are the synthetic daily series over the same span (real Coin Metrics
 and FRED files for the shared-data run), so the as-of and on-chain joins do their real work.
@@ -199,7 +201,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=5_000_000)
     ap.add_argument("--repeat", type=int, default=3, help="runs of each side; the fastest counts")
-    ap.add_argument("--shared-data", action="store_true", help=f"also run on {SHARED_HOURLY}")
+    ap.add_argument(
+        "--no-shared-data", action="store_true", help=f"skip the run on {SHARED_HOURLY}"
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "features.json"))
     args = ap.parse_args()
 
@@ -215,9 +219,9 @@ def main() -> None:
     print(f"generated {bars.height:,} minute bars in {time.perf_counter() - t0:.2f} s", flush=True)
 
     runs = []
-    if args.shared_data and SHARED_HOURLY.exists():
+    if not args.no_shared_data and SHARED_HOURLY.exists():
         runs.append(run(*shared_hourly_inputs(), SHARED_HOURLY.name, args.repeat))
-    elif args.shared_data:
+    elif not args.no_shared_data:
         print(f"{SHARED_HOURLY} not found; skipped", flush=True)
     main_run = run(bars, onchain, macro, "synthetic 1m", args.repeat)
     summary = {
