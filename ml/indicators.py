@@ -1,13 +1,15 @@
 """Technical indicators as polars expressions with pandas-ta names and values.
 
 Each helper is an expression over one entity's bars in time order (no `.over`): callers split
-the bars by symbol first (`per_symbol`), which is much faster than windowed expressions and keeps
-every intermediate computed once. Composite indicators (RSI, Bollinger bands, MACD, NATR) are
-built from their averages passed as columns (`rsi_from_averages`, `bbands_from`, ...): polars
-does not reliably share a repeated rolling or EWM subexpression, so computing the parts as
-columns in one `with_columns` stage and combining them in the next is several times faster. pandas-ta seeds its EMA and Wilder (RMA) averages with the
-simple mean of the first `length` valid values and recurses from there; these helpers do the same,
-so values match pandas-ta-classic after each indicator's warm-up.
+the bars by symbol first (`per_symbol`), which is much faster than windowed expressions.
+Composite indicators (RSI, Bollinger bands, MACD, NATR) are built from their averages passed as
+columns (`rsi_from_averages`, `bbands_from`, ...): polars does not reliably share a repeated
+rolling or EWM subexpression, so computing the parts as columns in one `with_columns` stage and
+combining them in the next is several times faster.
+
+pandas-ta seeds its EMA and Wilder (RMA) averages with the simple mean of the first `length`
+valid values and recurses from there; these helpers do the same, so values match
+pandas-ta-classic after each indicator's warm-up.
 """
 
 from __future__ import annotations
