@@ -29,6 +29,12 @@ from ml.mamba2 import Backend, Mamba2, Mamba2Config, Mamba2State
 TASKS = ("direction", "quantiles", "sigma", "returns")
 
 
+def check_quantiles(quantiles: tuple[float, ...]) -> None:
+    """Quantile levels for the quantile heads: increasing and strictly inside (0, 1)."""
+    if list(quantiles) != sorted(quantiles) or not all(0 < q < 1 for q in quantiles):
+        raise ValueError(f"quantiles must be increasing and inside (0, 1); got {quantiles}")
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     n_features: int
@@ -65,12 +71,7 @@ class BackboneConfig:
                 f"attn_every and attn_window must be >= 0; got {self.attn_every}, "
                 f"{self.attn_window}"
             )
-        if list(self.quantiles) != sorted(self.quantiles) or not all(
-            0 < q < 1 for q in self.quantiles
-        ):
-            raise ValueError(
-                f"quantiles must be increasing and inside (0, 1); got {self.quantiles}"
-            )
+        check_quantiles(self.quantiles)
         self.mamba2()  # validates the mixer's shapes now, not at first use
 
     @classmethod

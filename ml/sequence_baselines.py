@@ -35,6 +35,7 @@ from ml.backbone import (
     Forecaster,
     LayerStack,
     ResidualBlock,
+    check_quantiles,
     count_parameters,
 )
 
@@ -80,12 +81,7 @@ class SequenceBaselineConfig:
                 f"attn_window must be >= 0 and conv_width >= 1; got {self.attn_window}, "
                 f"{self.conv_width}"
             )
-        if list(self.quantiles) != sorted(self.quantiles) or not all(
-            0 < q < 1 for q in self.quantiles
-        ):
-            raise ValueError(
-                f"quantiles must be increasing and inside (0, 1); got {self.quantiles}"
-            )
+        check_quantiles(self.quantiles)
 
     @property
     def mlp_hidden_size(self) -> int:
