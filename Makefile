@@ -10,12 +10,15 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 DATA_DIR ?= $(CURDIR)/data
 PORT ?= 3000
 DEMO_RANGE ?= 2015-01-01...2024-12-31
+# make evaluate: the real files, in a data directory of their own (the demo's stays as it was)
+DATA ?= ../shared/data
+EVAL_DIR ?= $(CURDIR)/data-evaluate
 export MAMBACAST_DATA_DIR := $(abspath $(DATA_DIR))
 export DAGSTER_HOME := $(MAMBACAST_DATA_DIR)/dagster_home
 # A single-run backfill records one "planned" event per asset instead of one per partition.
 export DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS := true
 
-.PHONY: setup instance demo test ui lint bench clean
+.PHONY: setup instance demo evaluate test ui lint bench clean
 
 setup: $(STAMP)
 
@@ -41,11 +44,22 @@ $(DAGSTER_HOME)/dagster.yaml: pipelines/dagster.yaml | setup
 	# Create the SQLite schemas now: two runs starting at once on a fresh instance would race.
 	$(BIN)/dagster instance migrate > /dev/null
 
-## demo: set up, materialize every asset over ten years of the synthetic market, print results
+## demo: set up, materialize every asset over ten years of the synthetic market (the last two
+## walk-forward folds), print results
 demo: setup instance
-	$(BIN)/dagster asset materialize -m pipelines.definitions --select '*' \
-		--partition-range $(DEMO_RANGE)
+	$(BIN)/python -m pipelines.run demo --range $(DEMO_RANGE)
 	$(BIN)/python -m pipelines.report
+
+## evaluate: the real daily Bitcoin, on-chain and FRED files in DATA through the file connectors,
+## the walk-forward over every fold from 2018, reports/evaluation.{json,html} (STOCKS=1 adds SPY
+## and AAPL)
+evaluate: setup
+	mkdir -p $(EVAL_DIR)/dagster_home
+	cp pipelines/dagster.yaml $(EVAL_DIR)/dagster_home/dagster.yaml
+	MAMBACAST_DATA_DIR=$(EVAL_DIR) DAGSTER_HOME=$(EVAL_DIR)/dagster_home \
+		$(BIN)/dagster instance migrate > /dev/null
+	MAMBACAST_DATA_DIR=$(EVAL_DIR) DAGSTER_HOME=$(EVAL_DIR)/dagster_home \
+		$(BIN)/python -m pipelines.run evaluate --data $(DATA) $(if $(STOCKS),--stocks)
 
 ## test: set up, then the whole test suite
 test: setup
@@ -64,6 +78,7 @@ bench: setup instance
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/mamba.py
 	$(BIN)/python benchmarks/features.py
+	$(BIN)/python benchmarks/backtest.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

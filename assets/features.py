@@ -2,19 +2,26 @@
 
 Recomputing is cheap (polars over the full table) and avoids stale labels: the label of a row
 changes as the bars after it arrive.
+
+The feature set follows the warehouse: macro columns for each series the macro table holds
+(what was ingested, whatever the sources resource says now), on-chain columns for the metrics
+with data; the ragged-edge rule (`ml.features.select_model_columns`) then decides which of
+them models get, and the snapshot's `_meta.json` lists exactly those.
 """
 
 from dataclasses import asdict
 
 import dagster as dg
+import polars as pl
 
 from assets.ingest import macro_series, ohlcv_bars, onchain_metrics
 from assets.metadata import frame_summary, table_md
 from ml.features import (
     FeatureConfig,
     compute_features,
-    model_feature_columns,
-    onchain_feature_columns,
+    macro_series_of,
+    onchain_symbols_of,
+    select_model_columns,
 )
 from ml.labels import DIRECTION_CLASSES, LabelConfig, compute_labels, label_columns
 from pipelines.partitions import SINGLE_RUN
@@ -45,7 +52,10 @@ def _require_rows(table: str, n: int) -> None:
     code_version="1",
     backfill_policy=SINGLE_RUN,
     description="Leak-free features per (symbol, ts): returns, EMA, RSI, MACD, realized "
-    "volatility, cyclical time, macro as of publication, on-chain ratios.",
+    "volatility, cyclical time, macro as of publication, on-chain ratios. Macro and on-chain "
+    "values are carried forward up to a limit; an input missing at the end of the data or on "
+    "too many bars is dropped from the model columns with a warning (metadata "
+    "`dropped_inputs`).",
 )
 def features(
     context: dg.AssetExecutionContext, warehouse: WarehouseResource
@@ -54,7 +64,12 @@ def features(
     store, lake = warehouse.warehouse(), warehouse.lake()
     ohlcv = store.read("ohlcv")
     _require_rows("ohlcv", ohlcv.height)
-    frame = compute_features(ohlcv, store.read("onchain"), store.read("macro"), cfg)
+    onchain, macro = store.read("onchain"), store.read("macro")
+    frame = compute_features(ohlcv, onchain, macro, cfg)
+    series, onchain_symbols = macro_series_of(macro), onchain_symbols_of(onchain)
+    chosen = select_model_columns(frame, cfg, series, onchain_symbols)
+    for verdict in chosen.dropped:
+        context.log.warning(verdict.message())
     version = cfg.version()
     files = lake.write_snapshot(
         "features",
@@ -63,23 +78,54 @@ def features(
         version=version,
         meta={
             "config": asdict(cfg),
-            "model_columns": model_feature_columns(cfg),
+            "model_columns": chosen.columns,
             # null for symbols without on-chain data: not a sign of warm-up
-            "onchain_columns": onchain_feature_columns(cfg),
+            "onchain_columns": chosen.onchain_columns,
+            # carried values: null on up to max_missing_share of the bars after the warm-up
+            "carried_columns": chosen.carried_columns,
+            "max_missing_share": cfg.max_missing_share,
+            "warmup_bars": cfg.warmup_bars,
+            "macro_series": list(series),
+            "onchain_symbols": onchain_symbols,
+            "inputs": [v.to_json() for v in chosen.verdicts],
         },
     )
     store.refresh_lake_views(lake, ["features"])
-    context.log.info(f"features: {frame.height} rows x {frame.width} columns in {len(files)} files")
+    context.log.info(
+        f"features: {frame.height} rows x {frame.width} columns in {len(files)} files; "
+        f"{len(chosen.columns)} model columns, {len(chosen.dropped)} inputs dropped"
+    )
+    inputs = pl.DataFrame(
+        [
+            {
+                "input": f"{v.source}:{v.name}",
+                "kept": v.kept,
+                "missing_share": v.missing_share,
+                "last_carried": v.last_carried,
+                "reason": "; ".join(v.reasons),
+            }
+            for v in chosen.verdicts
+        ],
+        schema={
+            "input": pl.String,
+            "kept": pl.Boolean,
+            "missing_share": pl.Float64,
+            "last_carried": pl.String,
+            "reason": pl.String,
+        },
+    )
     return dg.MaterializeResult(
         metadata={
             **frame_summary(frame),
             "feature_version": version,
             "path": dg.MetadataValue.path(str(lake.version_dir("features", version))),
             "files": len(files),
-            "model_columns": dg.MetadataValue.json(model_feature_columns(cfg)),
-            "preview": table_md(
-                frame.select(["symbol", "ts", *model_feature_columns(cfg)[:8]]).tail(5)
+            "model_columns": dg.MetadataValue.json(chosen.columns),
+            "dropped_inputs": dg.MetadataValue.json(
+                {v.name: "; ".join(v.reasons) for v in chosen.dropped}
             ),
+            "inputs": table_md(inputs, rows=len(chosen.verdicts) or 1),
+            "preview": table_md(frame.select(["symbol", "ts", *chosen.columns[:8]]).tail(5)),
         }
     )
 

@@ -5,7 +5,7 @@ offending rows. A failure stops everything downstream of the checked asset in th
 """
 
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from dataclasses import replace
 
 import dagster as dg
 import polars as pl
@@ -15,7 +15,7 @@ from assets.features import features, labels
 from assets.metadata import check_result
 from assets.training import training_dataset
 from ml.dataset import TRAIN
-from ml.labels import LabelConfig
+from ml.labels import LabelConfig, label_columns
 from ml.leakage import (
     LeakageReport,
     check_fit_independence,
@@ -26,6 +26,7 @@ from ml.leakage import (
     lanes_scaler,
     standardizer_close,
 )
+from ml.walkforward import Fold, assign_fold
 from pipelines.resources import WarehouseResource
 
 Rules = Callable[[WarehouseResource], list[LeakageReport]]
@@ -100,52 +101,62 @@ def labels_alignment(warehouse: WarehouseResource) -> list[LeakageReport]:
 
 @_leakage_check(training_dataset, "training_split_hygiene")
 def training_split_hygiene(warehouse: WarehouseResource) -> list[LeakageReport]:
-    """No training row's label window reaches val_start - embargo and no validation row's
-    reaches test_start - embargo (boundaries from _meta.json 'split')."""
+    """In every walk-forward fold (from _meta.json 'folds'), no training row's label window
+    reaches val_start - embargo, no validation row's reaches test_start - embargo, and each
+    row's split matches its time."""
     lake = warehouse.lake()
-    split = lake.read_meta("training_dataset")["split"]
-    report = check_split_hygiene(
-        lake.read("training_dataset"),
-        datetime.fromisoformat(split["val_start"]),
-        datetime.fromisoformat(split["test_start"]),
-        timedelta(days=int(split["embargo_days"])),
-    )
-    return [report]
+    data = lake.read("training_dataset")
+    reports = []
+    for fold in (Fold.from_json(f) for f in lake.read_meta("training_dataset")["folds"]):
+        report = check_split_hygiene(
+            assign_fold(data, fold), fold.val_start, fold.test_start, fold.embargo
+        )
+        reports.append(replace(report, rule=f"fold {fold.key}: {report.rule}"))
+    return reports
 
 
 @_leakage_check(training_dataset, "training_scalers_fit_on_train_only")
 def training_scalers_fit_on_train_only(warehouse: WarehouseResource) -> list[LeakageReport]:
-    """The feature scaler of the Mamba2 training path equals a Standardizer refitted on the
-    training rows, and stays the same when every non-training row is perturbed."""
+    """In every walk-forward fold, the feature scaler of the sequence-model training path
+    equals a Standardizer refitted on the fold's training rows, and stays the same when every
+    non-training row is perturbed."""
     lake = warehouse.lake()
     meta = lake.read_meta("training_dataset")
     data = lake.read("training_dataset")
     cols, lcfg = meta["feature_columns"], meta["label_config"]
-    feats, labs = lake.read("features"), lake.read("labels")
-    splits = data.select(["symbol", "ts", "split"])
+    feats = data.select(["symbol", "ts", *cols])
+    labs = data.select(["symbol", "ts", *label_columns(LabelConfig.from_dict(lcfg))])
+    reports = []
+    for fold in (Fold.from_json(f) for f in meta["folds"]):
+        rows = assign_fold(data, fold)
+        splits = rows.select(["symbol", "ts", "split"])
+        inputs = feats.filter(pl.col("ts") < fold.test_end)
 
-    def fit(frame: pl.DataFrame):
-        return lanes_scaler(
-            frame,
-            labs,
-            splits,
-            cols,
-            lcfg["horizons"],
-            lcfg["direction_horizon"],
-            lcfg["vol_window"],
+        def fit(frame: pl.DataFrame, splits: pl.DataFrame = splits):
+            return lanes_scaler(
+                frame,
+                labs,
+                splits,
+                cols,
+                lcfg["horizons"],
+                lcfg["direction_horizon"],
+                lcfg["vol_window"],
+            )
+
+        is_train = (
+            inputs.select(["symbol", "ts"])
+            .join(splits, on=["symbol", "ts"], how="left")["split"]
+            .eq(TRAIN)
+            .fill_null(False)
         )
-
-    is_train = (
-        feats.select(["symbol", "ts"])
-        .join(splits, on=["symbol", "ts"], how="left")["split"]
-        .eq(TRAIN)
-        .fill_null(False)
-    )
-    matches = check_scaler_matches_training_rows(fit(feats), data, cols)
-    independent = check_fit_independence(
-        fit, feats, is_train, cols, same=standardizer_close, name="Mamba2 lanes scaler"
-    )
-    return [matches, independent]
+        for report in (
+            check_scaler_matches_training_rows(fit(inputs), rows, cols),
+            check_fit_independence(
+                fit, inputs, is_train, cols, same=standardizer_close, name="lanes scaler"
+            ),
+        ):
+            reports.append(replace(report, rule=f"fold {fold.key}: {report.rule}"))
+    return reports
 
 
 LEAKAGE_CHECKS = [

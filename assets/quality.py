@@ -2,7 +2,9 @@
 suite on the `features` snapshot.
 
 The blocking checks stop everything downstream of their asset in the same run; the extreme-move
-check only warns (markets do jump).
+check only warns (markets do jump). Inside a blocking check, rules of severity "warning" (an
+on-chain or macro source that lags or ends before the window end) are logged and shown in the
+metadata without failing it: the features' ragged-edge rule handles such inputs.
 """
 
 from datetime import timedelta
@@ -42,13 +44,21 @@ def _result(
     window: str,
     severity: dg.AssetCheckSeverity = dg.AssetCheckSeverity.ERROR,
 ) -> dg.AssetCheckResult:
-    """Log the suite's summary and report its failed expectations in one table (rule, count of
-    unexpected rows, a few examples) next to the window it covered."""
-    context.log.info(report.summary())
-    failures = [
-        {"rule": f.rule, "rows": f.unexpected_count, "examples": str(f.examples[:3])}
-        for f in report.failures
-    ]
+    """Log the suite's summary and report its failed expectations and its warnings in a table
+    each (rule, count of unexpected rows, a few examples) next to the window it covered."""
+    (context.log.warning if report.warnings else context.log.info)(report.summary())
+
+    def table(outcomes) -> pl.DataFrame:
+        return pl.DataFrame(
+            [
+                {"rule": o.rule, "rows": o.unexpected_count, "examples": str(o.examples[:3])}
+                for o in outcomes
+            ]
+        )
+
+    failing = {"failures": table(report.failures)} if report.failures else {}
+    if report.warnings:
+        failing["warnings"] = table(report.warnings)
     return check_result(
         passed=report.success,
         summary=report.summary(),
@@ -56,9 +66,10 @@ def _result(
             "rows_checked": report.rows,
             "window": window,
             "expectations": len(report.outcomes),
-            "failed": len(failures),
+            "failed": len(report.failures),
+            "warned": len(report.warnings),
         },
-        failing={"failures": pl.DataFrame(failures)} if failures else None,
+        failing=failing or None,
         rows=50,
         severity=severity,
     )
@@ -74,8 +85,10 @@ def _quality_check(asset: dg.AssetsDefinition) -> dg.AssetChecksDefinition:
         description=f"Great Expectations suite on table `{table}`: schema and types, not-null "
         "keys, unique increasing time per entity, value rules (OHLC consistency, "
         "positive prices, non-negative volume, publication after observation); and polars "
-        "rules: no gaps (calendar days for entities trading on weekends, business days "
-        "otherwise), macro series not stale, newest row fresh against the window end.",
+        "rules: no gaps (calendar days for entities trading on weekends; otherwise business "
+        "days beyond US federal holidays, a few more for macro series), macro values not "
+        "forward-filled, newest row fresh against the window end (for on-chain and macro "
+        "rows, and macro series without a new value by then, a warning only).",
     )
     def check(
         context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource
@@ -120,17 +133,25 @@ def ohlcv_extreme_moves(
     blocking=True,
     description="Great Expectations suite on the features snapshot: model columns (from "
     "_meta.json) present and numeric, unique (symbol, ts), RSI in 0..100, model columns not "
-    "null after the warm-up (on-chain columns only on symbols trading on weekends).",
+    "null after the warm-up (on-chain columns only on symbols with on-chain data; carried "
+    "macro and on-chain columns on all but max_missing_share of those bars, and on each "
+    "symbol's newest bar).",
 )
 def features_quality(
     context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource
 ) -> dg.AssetCheckResult:
     lake = warehouse.lake()
     meta = lake.read_meta("features")
-    onchain = meta.get("onchain_columns") or onchain_feature_columns(FeatureConfig())
-    kwargs = {"warmup_bars": int(meta["warmup_bars"])} if "warmup_bars" in meta else {}
+    # snapshots written before the ragged-edge rule lack the newer keys: the old defaults
+    onchain = meta.get("onchain_columns", onchain_feature_columns(FeatureConfig()))
     report = validate_features(
-        lake.read("features"), list(meta["model_columns"]), tuple(onchain), **kwargs
+        lake.read("features"),
+        list(meta["model_columns"]),
+        tuple(onchain),
+        int(meta.get("warmup_bars", FeatureConfig().warmup_bars)),
+        carried_columns=tuple(meta.get("carried_columns", ())),
+        max_missing_share=float(meta.get("max_missing_share", 0.0)),
+        onchain_symbols=meta.get("onchain_symbols"),
     )
     return _result(context, report, "whole snapshot")
 

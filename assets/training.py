@@ -1,77 +1,81 @@
-"""Training: the split dataset, the model artifact, out-of-sample predictions and evaluation."""
+"""Walk-forward training: the dataset, a model set per fold (partition), and each fold's
+out-of-sample predictions.
+
+The dataset holds every row with features and labels; `ml.walkforward` decides which rows
+train, validate and test each fold. Fold assets are partitioned by `fold_partitions` (one
+partition per test window) and write immutable, versioned artifacts `<kind>/<fold>/<version>/`.
+"""
 
 import json
 import sys
 
 import dagster as dg
-import numpy as np
 import polars as pl
 
 from assets.features import features, labels
 from assets.metadata import frame_summary, table_md
-from ml.backbone import PRESETS
-from ml.baselines import Persistence, climatology
-from ml.dataset import TEST, TRAIN, VAL, SplitConfig, assign_splits, split_boundaries
-from ml.gbm import DirectionGBM, GBMConfig, config_dict
-from ml.labels import DIRECTION_CLASSES, LabelConfig
-from ml.metrics import block_bootstrap_ci, classification_report, log_loss_per_row
-from pipelines.partitions import SINGLE_RUN
+from ml.forecasters import REGISTRY, TargetSpec, fold_data
+from ml.forecasters.base import FORECASTERS_CODE_VERSION
+from ml.forecasters.neural import SEQUENCE_MODELS
+from ml.labels import LabelConfig
+from ml.walkforward import Fold, WalkForwardConfig, assign_fold, walk_forward_folds
+from ml.walkforward_run import fit_registered, seed_means, with_ensembles
+from pipelines.partitions import FOLD_MONTHS, SINGLE_RUN, fold_partitions
 from pipelines.resources import WarehouseResource
 from warehouse.artifacts import content_version, frame_fingerprint
 
-SPLIT = "holdout"  # the partition of model / evaluation / backtest artifacts for the single split
 # lake versions kept of the tables whose version changes with the data (dataset, predictions)
 KEEP_VERSIONS = 5
+SEQUENCE_BASELINES = [
+    k for k in SEQUENCE_MODELS if k != "mamba2"
+]  # lstm, gru, transformer, cnn_lstm
 
 
-class SplitSettings(dg.Config):
-    val_fraction: float = 0.15
-    test_fraction: float = 0.25
+class WalkForwardSettings(dg.Config):
+    window: str = "expanding"  # or "rolling"
+    train_days: int = 0  # rolling windows only
+    val_days: int = 365
     embargo_days: int = 5
+    min_train_rows: int = 500
 
-
-class ModelSettings(dg.Config):
-    learning_rate: float = 0.03
-    max_rounds: int = 400
-    num_leaves: int = 15
-    seed: int = 7
+    def to_ml(self) -> WalkForwardConfig:
+        return WalkForwardConfig(step_months=FOLD_MONTHS, **self.model_dump())
 
 
 @dg.asset(
     deps=[features, labels],
     group_name="training",
     kinds={"polars", "parquet"},
-    code_version="1",
+    code_version="2",
     backfill_policy=SINGLE_RUN,
-    description="Features joined to labels with a chronological train / val / test split; "
-    "training and validation rows whose label windows reach the next segment "
-    "(plus an embargo) are purged.",
+    description="Features joined to labels, every row; the walk-forward folds the data "
+    "supports (test windows, validation, purge of whole label windows, embargo) in its meta.",
 )
 def training_dataset(
-    context: dg.AssetExecutionContext, config: SplitSettings, warehouse: WarehouseResource
+    context: dg.AssetExecutionContext, config: WalkForwardSettings, warehouse: WarehouseResource
 ) -> dg.MaterializeResult:
-    cfg = SplitConfig(config.val_fraction, config.test_fraction, config.embargo_days)
+    try:
+        cfg = config.to_ml()
+    except ValueError as e:
+        raise dg.Failure(f"Invalid walk-forward settings: {e}") from e
     lake = warehouse.lake()
     fmeta, lmeta = lake.read_meta("features"), lake.read_meta("labels")
     feats, labs = lake.read("features"), lake.read("labels")
     cols = fmeta["model_columns"]
     warm = [c for c in cols if c not in fmeta["onchain_columns"]]
-    rows = (
-        feats.select(["symbol", "ts", "open", "close", "log_close", *cols])
+    price = [c for c in ("open", "high", "low", "close", "log_close") if c in feats.columns]
+    data = (
+        feats.select(["symbol", "ts", *price, *cols])
         .join(labs, on=["symbol", "ts"], how="inner")
         .drop_nulls(warm)
         .sort(["symbol", "ts"])
     )
-    bounds = split_boundaries(rows["ts"], cfg)
-    data = assign_splits(rows, bounds)
-    counts = {s: int(data.filter(pl.col("split") == s).height) for s in (TRAIN, VAL, TEST)}
-    purged = rows.height - data.height
+    try:
+        folds = walk_forward_folds(data, cfg)
+    except ValueError as e:
+        raise dg.Failure(str(e)) from e
     version = content_version(
-        "training_dataset",
-        fmeta["version"],
-        lmeta["version"],
-        cfg.__dict__,
-        frame_fingerprint(data),
+        "training_dataset", fmeta["version"], lmeta["version"], frame_fingerprint(data)
     )
     lake.write_snapshot(
         "training_dataset",
@@ -84,327 +88,258 @@ def training_dataset(
             "label_version": lmeta["version"],
             "feature_columns": cols,
             "label_config": lmeta["config"],
-            "split": bounds.to_json(),
-            "counts": counts,
-            "purged_rows": purged,
+            "walk_forward": cfg.to_json(),
+            "folds": [f.to_json() for f in folds],
         },
     )
     warehouse.warehouse().refresh_lake_views(lake, ["training_dataset"])
-    context.log.info(
-        f"training_dataset {version}: {counts}, {purged} rows purged, "
-        f"val from {bounds.val_start:%Y-%m-%d}, test from {bounds.test_start:%Y-%m-%d}"
+    table = pl.DataFrame(
+        [
+            {
+                "fold": f.key,
+                "train_from": f"{f.train_start:%Y-%m-%d}",
+                "val_from": f"{f.val_start:%Y-%m-%d}",
+                "test": f"{f.test_start:%Y-%m-%d} .. {f.test_end:%Y-%m-%d}",
+                **{k: int(v) for k, v in assign_fold(data, f).group_by("split").len().iter_rows()},
+            }
+            for f in folds
+        ]
     )
+    context.log.info(f"training_dataset {version}: {data.height} rows, folds\n{table}")
     return dg.MaterializeResult(
         metadata={
             **frame_summary(data),
             "data_version": version,
-            "split_counts": dg.MetadataValue.json(counts),
-            "purged_rows": purged,
-            "val_start": str(bounds.val_start.date()),
-            "test_start": str(bounds.test_start.date()),
+            "folds": table_md(table, rows=100),
+            "fold_keys": dg.MetadataValue.json([f.key for f in folds]),
             "path": dg.MetadataValue.path(str(lake.version_dir("training_dataset", version))),
         }
     )
 
 
+def _fold(meta: dict, key: str) -> Fold:
+    folds = {f["key"]: f for f in meta["folds"]}
+    if key not in folds:
+        raise dg.Failure(
+            f"Fold {key!r} is not supported by the training dataset (too little training "
+            f"history, or no test rows yet); its folds are {list(folds)}. Materialize those "
+            f"partitions, e.g. --partition-range {next(iter(folds))}...{list(folds)[-1]}"
+        )
+    return Fold.from_json(folds[key])
+
+
+def _targets(meta: dict) -> TargetSpec:
+    return TargetSpec.from_label_config(LabelConfig.from_dict(meta["label_config"]))
+
+
 @dg.asset(
     deps=[training_dataset],
     group_name="training",
-    kinds={"lightgbm"},
-    code_version="1",
+    kinds={"lightgbm", "polars"},
+    partitions_def=fold_partitions,
     backfill_policy=SINGLE_RUN,
-    description="LightGBM 3-class 90-bar direction model, trained on the training split, "
-    "early-stopped on validation; an immutable versioned artifact.",
+    code_version="2",
+    description="Per walk-forward fold: LightGBM (every target) and the statistical baselines "
+    "(zero return, climatology, persistence, historical quantiles, EWMA, GARCH(1,1)-t, HAR), "
+    "fitted on the fold's training rows; an immutable artifact with their predictions of the "
+    "fold's validation and test rows.",
 )
-def model(
-    context: dg.AssetExecutionContext, config: ModelSettings, warehouse: WarehouseResource
-) -> dg.MaterializeResult:
+def model(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
     lake, store = warehouse.lake(), warehouse.artifacts()
     meta = lake.read_meta("training_dataset")
-    data = lake.read("training_dataset")
-    target = f"direction_{LabelConfig.from_dict(meta['label_config']).direction_horizon}"
-    cfg = GBMConfig(
-        learning_rate=config.learning_rate,
-        max_rounds=config.max_rounds,
-        num_leaves=config.num_leaves,
-        seed=config.seed,
-    )
-    version = content_version(config_dict(cfg), meta["version"], target)
-    trained: dict = {}
-
-    def write(folder):
-        m = DirectionGBM.fit(
-            data.filter(pl.col("split") == TRAIN),
-            data.filter(pl.col("split") == VAL),
-            meta["feature_columns"],
-            target,
-            cfg,
-            log=context.log.info,
+    rows = lake.read("training_dataset")
+    bars = warehouse.warehouse().read("ohlcv")
+    names = sorted(REGISTRY)
+    summary = []
+    for key in context.partition_keys:
+        fold = _fold(meta, key)
+        version = content_version(
+            "model", FORECASTERS_CODE_VERSION, names, meta["version"], fold.to_json()
         )
-        m.save(folder)
-        (folder / "config.json").write_text(json.dumps(config_dict(cfg), indent=2))
-        trained["importance"] = m.feature_importance()
-        trained["best_round"] = m.booster.best_iteration
+        info: dict = {}
 
-    art = store.write(
-        "model",
-        SPLIT,
-        version,
-        write,
-        {
-            "target": target,
-            "data_version": meta["version"],
-            "config": config_dict(cfg),
-            "split": meta["split"],
-        },
-    )
-    if not art.created:
-        context.log.info(f"model {version} already exists at {art.path}; reused, not retrained")
-    importance = trained.get("importance") or DirectionGBM.load(art.path).feature_importance()
-    top = pl.DataFrame({"feature": list(importance)[:10], "gain": list(importance.values())[:10]})
+        def write(folder, fold=fold, info=info):
+            data = fold_data(rows, bars, fold, meta["feature_columns"], _targets(meta))
+            long, fitted = fit_registered(data, names, log=context.log.info)
+            long.write_parquet(folder / "predictions.parquet")
+            (folder / "fit_info.json").write_text(json.dumps(fitted, indent=2, default=str))
+            info.update(seconds=round(sum(f["seconds"] for f in fitted.values()), 1))
+
+        art = store.write(
+            "model",
+            key,
+            version,
+            write,
+            {"data_version": meta["version"], "fold": fold.to_json(), "forecasters": names},
+        )
+        if not art.created:
+            context.log.info(f"fold {key}: model {version} exists; reused, not refitted")
+        summary.append({"fold": key, "version": version, "reused": not art.created, **info})
     return dg.MaterializeResult(
         metadata={
-            "model_version": version,
-            "path": dg.MetadataValue.path(str(art.path)),
-            "reused_existing": not art.created,
+            "folds": table_md(pl.DataFrame(summary), rows=100),
+            "forecasters": dg.MetadataValue.json(names),
             "data_version": meta["version"],
-            "target": target,
-            "best_round": trained.get("best_round", -1),
-            "top_features": table_md(top),
+            "path": dg.MetadataValue.path(str(store.root / "model")),
         }
     )
 
 
-class MambaSettings(dg.Config):
-    preset: str = "tiny"  # tiny (CPU demo), baseline, sparse_mhsa
+class SequenceModelSettings(dg.Config):
+    preset: str = "tiny"  # the Mamba2 backbone size: tiny (CPU), baseline, sparse_mhsa
     epochs: int = 8
     tbptt_len: int = 128
     lr: float = 2e-3
-    seed: int = 7
+    patience: int = 3
+    seeds: list[int] = [0, 1, 2]
     device: str = "auto"  # auto: CUDA when the training process sees a GPU
+
+
+def _run_sequences(
+    context: dg.AssetExecutionContext,
+    config: SequenceModelSettings,
+    warehouse: WarehouseResource,
+    client: dg.PipesSubprocessClient,
+    models: list[str],
+) -> dg.MaterializeResult:
+    from ml.backbone import PRESETS
+
+    if config.preset not in PRESETS:
+        raise dg.Failure(f"Unknown Mamba2 preset {config.preset!r}; use one of {sorted(PRESETS)}")
+    if config.epochs < 1 or config.tbptt_len < 1 or not config.seeds:
+        raise dg.Failure("epochs and tbptt_len must be >= 1 and seeds must not be empty")
+    meta = warehouse.lake().read_meta("training_dataset")  # a clear message before launching
+    for key in context.partition_keys:
+        _fold(meta, key)
+    return client.run(
+        command=[sys.executable, "-m", "pipelines.train_sequences"],
+        context=context,
+        extras={
+            "data_dir": str(warehouse.paths.root),
+            "folds": list(context.partition_keys),
+            "models": models,
+            **config.model_dump(),
+        },
+    ).get_materialize_result()
 
 
 @dg.asset(
     deps=[training_dataset],
     group_name="training",
     kinds={"pytorch"},
-    code_version="1",
+    partitions_def=fold_partitions,
     backfill_policy=SINGLE_RUN,
-    description="Mamba2 forecaster (direction, quantiles, sigma, returns) trained with "
-    "truncated BPTT in a separate process launched through Dagster Pipes; an immutable "
-    "versioned artifact with weights, config, scaler and out-of-sample predictions.",
+    code_version="2",
+    description="Per walk-forward fold: the Mamba2 forecaster (direction, quantiles, sigma, "
+    "returns), one per seed, trained with truncated BPTT in a separate process launched "
+    "through Dagster Pipes; an immutable artifact with weights and predictions.",
 )
 def mamba_model(
     context: dg.AssetExecutionContext,
-    config: MambaSettings,
+    config: SequenceModelSettings,
     warehouse: WarehouseResource,
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
-    if config.preset not in PRESETS:
-        raise dg.Failure(f"Unknown Mamba2 preset {config.preset!r}; use one of {sorted(PRESETS)}")
-    if config.epochs < 1 or config.tbptt_len < 1:
-        raise dg.Failure("epochs and tbptt_len must be >= 1")
-    lake = warehouse.lake()
-    lake.read_meta("training_dataset")  # fails with a clear message before launching
-    return pipes_subprocess_client.run(
-        command=[sys.executable, "-m", "pipelines.train_mamba"],
-        context=context,
-        extras={"data_dir": str(warehouse.paths.root), **config.model_dump()},
-    ).get_materialize_result()
-
-
-FORECASTERS = ("lightgbm", "mamba2", "climatology", "persistence")
-MODELS = ("lightgbm", "mamba2")  # the forecasters that are backtested
+    return _run_sequences(context, config, warehouse, pipes_subprocess_client, ["mamba2"])
 
 
 @dg.asset(
-    deps=[model, mamba_model],
+    deps=[training_dataset],
+    group_name="training",
+    kinds={"pytorch"},
+    partitions_def=fold_partitions,
+    backfill_policy=SINGLE_RUN,
+    code_version="1",
+    description="Per walk-forward fold: the LSTM, GRU, Transformer and CNN-LSTM baselines at "
+    "Mamba2's parameter count, trained through the same trainer, lanes, heads and loss, one "
+    "per seed, in a Pipes subprocess.",
+)
+def sequence_baselines(
+    context: dg.AssetExecutionContext,
+    config: SequenceModelSettings,
+    warehouse: WarehouseResource,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+) -> dg.MaterializeResult:
+    return _run_sequences(context, config, warehouse, pipes_subprocess_client, SEQUENCE_BASELINES)
+
+
+def _fold_artifacts(store, key: str, meta: dict) -> list:
+    """The latest artifact of every model asset for fold `key`, each trained on the current
+    dataset; a clear failure names the asset to materialize otherwise."""
+    wanted = {"model": "model", "mamba2": "mamba_model"}
+    wanted.update(dict.fromkeys(SEQUENCE_BASELINES, "sequence_baselines"))
+    arts = []
+    for kind, asset in wanted.items():
+        try:
+            art = store.latest(kind, key)
+        except Exception as e:
+            raise dg.Failure(
+                f"Fold {key}: no {kind} artifact. Materialize `{asset}` for it."
+            ) from e
+        if art.manifest["metadata"]["data_version"] != meta["version"]:
+            raise dg.Failure(
+                f"Fold {key}: the latest {kind} artifact {art.version} was trained on data "
+                f"version {art.manifest['metadata']['data_version']}, the training dataset is "
+                f"now {meta['version']}: materialize `{asset}` for fold {key} again first."
+            )
+        arts.append(art)
+    return arts
+
+
+@dg.asset(
+    deps=[model, mamba_model, sequence_baselines],
     group_name="training",
     kinds={"polars", "parquet"},
-    code_version="2",
+    partitions_def=fold_partitions,
     backfill_policy=SINGLE_RUN,
-    description="Out-of-sample direction probabilities on the validation and test rows from "
-    "LightGBM and Mamba2, with the climatology and persistence baselines on the same rows.",
+    code_version="3",
+    description="Per walk-forward fold: every forecaster's predictions of the fold's "
+    "validation and test rows in one table, neural models as each seed and their mean, plus "
+    "the ensemble (weights fitted on validation rows only) and the simple average.",
 )
 def predictions(
     context: dg.AssetExecutionContext, warehouse: WarehouseResource
 ) -> dg.MaterializeResult:
     lake, store = warehouse.lake(), warehouse.artifacts()
     meta = lake.read_meta("training_dataset")
-    data = lake.read("training_dataset")
-    art = _current(store.latest("model", SPLIT), meta, "model")
-    mamba = _current(store.latest("mamba2", SPLIT), meta, "mamba_model")
-    target = art.manifest["metadata"]["target"]
-    gbm = DirectionGBM.load(art.path)
-    train = data.filter((pl.col("split") == TRAIN) & pl.col(target).is_not_null())
-    oos = data.filter(pl.col("split") != TRAIN).sort(["symbol", "ts"])
-    pers = Persistence(LabelConfig.from_dict(meta["label_config"])).fit(train, target)
-    probs = {
-        "lightgbm": gbm.predict_proba(oos),
-        "climatology": climatology(train[target].to_numpy(), oos.height),
-        "persistence": pers.predict_proba(oos),
-    }
-    cols = {
-        f"{name}_p_{cls}": p[:, k]
-        for name, p in probs.items()
-        for k, cls in enumerate(DIRECTION_CLASSES)
-    }
-    out = oos.select(["symbol", "ts", "split", "open", "close"]).with_columns(
-        **{k: pl.Series(v) for k, v in cols.items()}
-    )
-    mamba_preds = pl.read_parquet(mamba.file("predictions.parquet")).drop("split")
-    mamba_preds = mamba_preds.rename(
-        {c: c.replace("mamba_", "mamba2_") for c in mamba_preds.columns if c.startswith("mamba_")}
-    )
-    out = out.join(mamba_preds, on=["symbol", "ts"], how="left")
-    missing = out.filter(pl.col("mamba2_p_up").is_null()).height
-    if missing:
-        raise dg.Failure(
-            f"Mamba2 artifact {mamba.version} lacks predictions for {missing} "
-            "out-of-sample rows: materialize `mamba_model` again."
+    targets = _targets(meta)
+    labels = lake.read("training_dataset").select(["symbol", "ts", *targets.label_columns()])
+    summary = []
+    for key in context.partition_keys:
+        fold = _fold(meta, key)
+        arts = _fold_artifacts(store, key, meta)
+        version = content_version(
+            "predictions", [a.version for a in arts], FORECASTERS_CODE_VERSION
         )
-    out = out.with_columns(
-        lightgbm_version=pl.lit(art.version), mamba2_version=pl.lit(mamba.version)
-    )
-    pred_version = content_version("predictions", art.version, mamba.version, meta["version"])
-    lake.write_snapshot(
-        "predictions",
-        out,
-        time_column="ts",
-        version=pred_version,
-        keep_versions=KEEP_VERSIONS,
-        meta={
-            "model_version": art.version,
-            "mamba2_version": mamba.version,
-            "data_version": meta["version"],
-            "target": target,
-        },
-    )
-    warehouse.warehouse().refresh_lake_views(lake, ["predictions"])
-    latest = (
-        out.sort("ts")
-        .group_by("symbol", maintain_order=True)
-        .last()
-        .select(
-            [
-                "symbol",
-                "ts",
-                "lightgbm_p_down",
-                "lightgbm_p_up",
-                "mamba2_p_down",
-                "mamba2_p_up",
-                "mamba2_q_low",
-                "mamba2_q_high",
-            ]
-        )
-    )
-    context.log.info(
-        f"predictions: {out.height} out-of-sample rows from LightGBM {art.version} "
-        f"and Mamba2 {mamba.version}"
-    )
-    return dg.MaterializeResult(
-        metadata={
-            **frame_summary(out),
-            "model_version": art.version,
-            "mamba2_version": mamba.version,
-            "predictions_version": pred_version,
-            "path": dg.MetadataValue.path(str(lake.version_dir("predictions", pred_version))),
-            "latest_forecast": table_md(latest),
-        }
-    )
+        info: dict = {}
 
-
-def _current(art, meta: dict, asset: str):
-    """The artifact, if it was trained on the current training dataset."""
-    if art.manifest["metadata"]["data_version"] != meta["version"]:
-        raise dg.Failure(
-            f"The latest {art.kind} artifact {art.version} was trained on data version "
-            f"{art.manifest['metadata']['data_version']}, but the training dataset is now "
-            f"{meta['version']}: materialize `{asset}` again first."
-        )
-    return art
-
-
-@dg.asset(
-    deps=[predictions],
-    group_name="training",
-    kinds={"polars"},
-    code_version="1",
-    backfill_policy=SINGLE_RUN,
-    description="Direction metrics on the test rows (never used for training or early "
-    "stopping), model beside the baselines, with block-bootstrap intervals.",
-)
-def evaluation(
-    context: dg.AssetExecutionContext, warehouse: WarehouseResource
-) -> dg.MaterializeResult:
-    lake, store = warehouse.lake(), warehouse.artifacts()
-    pmeta = lake.read_meta("predictions")
-    target = pmeta["target"]
-    horizon = int(target.split("_")[-1])
-    preds = lake.read("predictions").filter(pl.col("split") == TEST)
-    labs = lake.read("labels").select(["symbol", "ts", target])
-    rows = (
-        preds.join(labs, on=["symbol", "ts"], how="inner")
-        .filter(pl.col(target).is_not_null())
-        .sort(["symbol", "ts"])
-    )
-    if rows.height < 30:
-        raise dg.Failure(
-            f"Only {rows.height} labelled test rows: too few to evaluate. Ingest a longer range."
-        )
-    y = rows[target].to_numpy().astype(np.int64)
-    names = FORECASTERS
-    p = {n: rows.select([f"{n}_p_{c}" for c in DIRECTION_CLASSES]).to_numpy() for n in names}
-    table = [{"forecaster": n, **classification_report(y, p[n])} for n in names]
-    intervals = []
-    for name, base in [(m, b) for m in MODELS for b in ("climatology", "persistence")]:
-        diff = log_loss_per_row(y, p[name]) - log_loss_per_row(y, p[base])
-        lo, hi = block_bootstrap_ci(diff, block=horizon)
-        intervals.append(
-            {
-                "model": name,
-                "baseline": base,
-                "mean_log_loss_diff": float(diff.mean()),
-                "ci95_low": lo,
-                "ci95_high": hi,
-                "model_better": bool(hi < 0),
-            }
-        )
-    metrics = pl.DataFrame(table)
-    version = content_version(
-        "evaluation", pmeta["model_version"], pmeta["mamba2_version"], frame_fingerprint(rows)
-    )
-    art = store.write(
-        "evaluation",
-        SPLIT,
-        version,
-        lambda d: (d / "metrics.json").write_text(
-            json.dumps(
-                {"rows": rows.height, "metrics": table, "log_loss_vs_baselines": intervals},
-                indent=2,
+        def write(folder, arts=arts, info=info):
+            long = pl.concat(
+                [pl.read_parquet(a.file("predictions.parquet")) for a in arts],
+                how="vertical_relaxed",
             )
-        ),
-        {
-            "model_version": pmeta["model_version"],
-            "mamba2_version": pmeta["mamba2_version"],
-            "test_rows": rows.height,
-        },
-    )
-    context.log.info(f"evaluation on {rows.height} test rows:\n{metrics}")
+            long = pl.concat([long, seed_means(long)])
+            long, weights = with_ensembles(long, labels, targets)
+            long.write_parquet(folder / "predictions.parquet")
+            (folder / "ensemble_weights.json").write_text(json.dumps(weights, indent=2))
+            info.update(rows=long.height, forecasters=long["forecaster"].n_unique())
+
+        art = store.write(
+            "predictions",
+            key,
+            version,
+            write,
+            {
+                "data_version": meta["version"],
+                "fold": fold.to_json(),
+                "sources": {a.kind: a.version for a in arts},
+            },
+        )
+        summary.append({"fold": key, "version": art.version, "reused": not art.created, **info})
     return dg.MaterializeResult(
         metadata={
-            "test_rows": rows.height,
-            "test_period": f"{rows['ts'].min():%Y-%m-%d} .. {rows['ts'].max():%Y-%m-%d}",
-            "model_version": pmeta["model_version"],
-            "mamba2_version": pmeta["mamba2_version"],
-            "metrics": table_md(metrics),
-            "log_loss_vs_baselines": table_md(pl.DataFrame(intervals)),
-            **{
-                f"{name}_log_loss": float(
-                    metrics.filter(pl.col("forecaster") == name)["log_loss"][0]
-                )
-                for name in FORECASTERS
-            },
-            "path": dg.MetadataValue.path(str(art.path)),
+            "folds": table_md(pl.DataFrame(summary), rows=100),
+            "data_version": meta["version"],
+            "path": dg.MetadataValue.path(str(store.root / "predictions")),
         }
     )

@@ -2,12 +2,18 @@
 
 Every indicator pandas-ta has keeps its pandas-ta name and value (see `ml.indicators`); the
 rest are named for what they measure. docs/FEATURES_AND_LABELS.md lists each one.
+
+Macro and on-chain inputs have ragged edges (a series that starts late, ends early, or lags
+the price): their values are carried forward up to a limit with their age, and
+`select_model_columns` drops an input from the model columns when it is missing at the end
+of the data or on too many bars (docs/FEATURES_AND_LABELS.md, "Ragged edges").
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
 import polars as pl
@@ -27,8 +33,11 @@ from ml.indicators import (
     true_range,
 )
 
-FEATURES_CODE_VERSION = "3"  # 3: hour of day counts seconds
+# 3: hour of day counts seconds; 4: macro columns follow the series present, ages, on-chain carry
+FEATURES_CODE_VERSION = "4"
+# the default macro series, in the order of their columns; other series present follow, sorted
 MACRO_SERIES = ("DTWEXBGS", "DGS10", "DGS2", "T10Y2Y")
+ONCHAIN_AGE_COLUMN = "onchain_age_days"
 # Willy Woo's difficulty ribbon: simple moving averages of difficulty over these many days
 DIFFICULTY_RIBBON_DAYS = (9, 14, 25, 40, 60, 90, 128, 200)
 CALENDAR_COLUMNS = ("hour_sin", "hour_cos", "dow_sin", "dow_cos", "doy_sin", "doy_cos")
@@ -50,7 +59,15 @@ class FeatureConfig:
     volume_z_window: int = 90
     activity_growth_days: int = 30
     macro_change_window: int = 5  # business days
-    macro_max_staleness_days: int = 10  # an as-of macro value older than this is treated as missing
+    # carry limits, in calendar days since publication: an older value is treated as missing
+    macro_max_staleness_days: int = 10
+    # day d's totals are published at the end of d; a source lagging the price by up to this
+    # many more days still feeds the newest bars
+    onchain_max_staleness_days: int = 3
+    # the ragged-edge rule judges each input on the bars after this many bars of each symbol
+    warmup_bars: int = 250
+    # an input missing on more than this share of those bars is dropped from the model columns
+    max_missing_share: float = 0.05
 
     def version(self) -> str:
         from warehouse.artifacts import content_version
@@ -72,13 +89,27 @@ def onchain_feature_columns(cfg: FeatureConfig) -> list[str]:
     ]
 
 
-def macro_feature_columns(cfg: FeatureConfig) -> list[str]:
+def macro_series_of(macro: pl.DataFrame) -> tuple[str, ...]:
+    """The series with at least one value in `macro` (the warehouse's macro table), in column
+    order: those of MACRO_SERIES first, in that order, then the others sorted."""
+    present = set(macro.filter(pl.col("value").is_not_null())["series"].unique().to_list())
+    return (*[s for s in MACRO_SERIES if s in present], *sorted(present - set(MACRO_SERIES)))
+
+
+def onchain_symbols_of(onchain: pl.DataFrame) -> list[str]:
+    """The bar symbols that receive on-chain rows: `<asset>-USD` for each asset in `onchain`."""
+    return sorted(f"{a}-USD" for a in onchain["asset"].unique().to_list())
+
+
+def macro_feature_columns(cfg: FeatureConfig, series: Sequence[str] = MACRO_SERIES) -> list[str]:
     """Each macro series as of the bar date and its change over the last `macro_change_window` observations."""
-    return [c for s in MACRO_SERIES for c in (s, f"{s}_chg_{cfg.macro_change_window}")]
+    return [c for s in series for c in (s, f"{s}_chg_{cfg.macro_change_window}")]
 
 
-def model_feature_columns(cfg: FeatureConfig) -> list[str]:
-    """Scale-free columns a model may use (price-level indicators are kept for people, not models)."""
+def model_feature_columns(cfg: FeatureConfig, series: Sequence[str] = MACRO_SERIES) -> list[str]:
+    """Scale-free columns a model may use (price-level indicators are kept for people, not
+    models), with macro columns for `series`: the candidates. `select_model_columns` applies
+    the ragged-edge rule to them and gives the columns a features snapshot hands to models."""
     fast, slow, sig = cfg.macd
     bb = f"{cfg.bbands_length}_{float(cfg.bbands_std)}"
     cols = [f"log_ret_{w}" for w in cfg.return_windows]
@@ -98,11 +129,139 @@ def model_feature_columns(cfg: FeatureConfig) -> list[str]:
         "log1p_volume_z",
         *CALENDAR_COLUMNS,
     ]
-    cols += macro_feature_columns(cfg)
+    cols += macro_feature_columns(cfg, series)
     # null for symbols without on-chain data: the training dataset exempts them from its
     # warm-up null filter, LightGBM splits on missing values and the sequence models see 0
     # (the training mean) after scaling
     return cols + onchain_feature_columns(cfg)
+
+
+@dataclass(frozen=True)
+class InputVerdict:
+    """How one ragged input (a macro series, or an on-chain feature column) fared under the
+    ragged-edge rule, judged on the bars after each symbol's warm-up."""
+
+    source: str  # "macro" | "onchain"
+    name: str  # the series id, or the on-chain column
+    columns: tuple[str, ...]  # its model columns
+    bars: int  # bars judged: after the warm-up, of the symbols the input applies to
+    missing_share: float  # share of those bars where a column is null
+    stale_at_end: tuple[str, ...]  # symbols whose newest bar lacks it
+    last_carried: str | None  # the newest bar date with a value, ISO
+    reasons: tuple[str, ...] = ()  # why it was dropped; empty when kept
+
+    @property
+    def kept(self) -> bool:
+        return not self.reasons
+
+    def message(self) -> str:
+        """One line for a log: what was dropped and why."""
+        return (
+            f"{self.source} input {self.name} dropped from the model columns "
+            f"({', '.join(self.columns)}): {'; '.join(self.reasons)}"
+        )
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "kept": self.kept}
+
+
+@dataclass(frozen=True)
+class ModelColumns:
+    """The model columns of a features frame after the ragged-edge rule."""
+
+    columns: list[str]  # what models use, in `model_feature_columns` order
+    onchain_columns: list[str]  # the kept on-chain columns: null on symbols without on-chain data
+    carried_columns: list[str]  # the kept macro and on-chain columns: carried values
+    verdicts: list[InputVerdict] = field(default_factory=list)
+
+    @property
+    def dropped(self) -> list[InputVerdict]:
+        return [v for v in self.verdicts if not v.kept]
+
+
+def select_model_columns(
+    features: pl.DataFrame,
+    cfg: FeatureConfig,
+    macro_series: Sequence[str],
+    onchain_symbols: Sequence[str],
+) -> ModelColumns:
+    """The ragged-edge rule: which macro series and on-chain columns models may use.
+
+    `features` is `compute_features` output with macro columns for `macro_series`;
+    `onchain_symbols` are the symbols that receive on-chain rows (`onchain_symbols_of`). Each
+    input is judged on the bars after the first `cfg.warmup_bars` of each symbol it applies to
+    (every symbol for macro series, `onchain_symbols` for on-chain columns) and dropped when
+
+    - it is null on the newest such bar of any symbol (its newest value is older than the carry
+      limit at the end of the data: models could not use it on the bars that matter most), or
+    - it is null on more than `cfg.max_missing_share` of those bars (it starts too late, or
+      has holes longer than the carry limit).
+
+    Kept inputs may still be null on up to that share of bars (the training dataset drops
+    those rows). With no bar past the warm-up there is nothing to judge and all are kept.
+    Price and calendar columns are always kept.
+    """
+    w = cfg.macro_change_window
+    judged = [*macro_feature_columns(cfg, macro_series), *onchain_feature_columns(cfg)]
+    warm = (
+        features.select("symbol", "ts", *judged)  # narrow first: minute bars are many
+        .sort(["symbol", "ts"])
+        .with_columns(_bar=pl.int_range(pl.len()).over("symbol"))
+        .filter(pl.col("_bar") >= cfg.warmup_bars)
+        .drop("_bar")
+    )
+    chain = warm.filter(pl.col("symbol").is_in(list(onchain_symbols)))
+    macro_limit = f"{cfg.macro_max_staleness_days}-day carry limit"
+    onchain_limit = f"{cfg.onchain_max_staleness_days}-day carry limit after day d-1"
+    # no bars to judge: every input is kept while no symbol is past its warm-up (too early to
+    # tell), but on-chain columns are dropped when no symbol past it has on-chain data
+    no_chain = () if warm.is_empty() else ("no bars of a symbol with on-chain data",)
+    inputs = [("macro", s, (s, f"{s}_chg_{w}"), warm, macro_limit, ()) for s in macro_series]
+    inputs += [
+        ("onchain", c, (c,), chain, onchain_limit, no_chain) for c in onchain_feature_columns(cfg)
+    ]
+    verdicts = [_judge(*i, cfg) for i in inputs]
+    dropped = {c for v in verdicts if not v.kept for c in v.columns}
+    columns = [c for c in model_feature_columns(cfg, macro_series) if c not in dropped]
+    onchain = [c for c in onchain_feature_columns(cfg) if c not in dropped]
+    carried = [c for v in verdicts if v.kept for c in v.columns]
+    return ModelColumns(columns, onchain, carried, verdicts)
+
+
+def _judge(
+    source: str,
+    name: str,
+    columns: tuple[str, ...],
+    rows: pl.DataFrame,
+    limit: str,
+    if_no_rows: tuple[str, ...],
+    cfg: FeatureConfig,
+) -> InputVerdict:
+    """One input's verdict under the ragged-edge rule (see `select_model_columns`)."""
+    present = pl.all_horizontal([pl.col(c).is_not_null() for c in columns])
+    if rows.is_empty():
+        return InputVerdict(source, name, columns, 0, 0.0, (), None, if_no_rows)
+    d = rows.select("symbol", "ts", present.alias("present"))
+    missing = 1.0 - d["present"].mean()
+    newest = d.group_by("symbol", maintain_order=True).last()
+    stale = tuple(sorted(newest.filter(~pl.col("present"))["symbol"].to_list()))
+    last = d.filter(pl.col("present"))["ts"].max()
+    last_carried = None if last is None else last.date().isoformat()
+    reasons = []
+    if stale:
+        end = newest.filter(~pl.col("present"))["ts"].max().date().isoformat()
+        since = f"last carried to {last_carried}" if last_carried else "no value on any bar"
+        reasons.append(
+            f"no value within the {limit} on the newest bar of {list(stale)} ({end}); {since}"
+        )
+    if missing > cfg.max_missing_share:
+        reasons.append(
+            f"missing on {missing:.1%} of the {d.height} bars after the warm-up "
+            f"(at most {cfg.max_missing_share:.0%} allowed)"
+        )
+    return InputVerdict(
+        source, name, columns, d.height, float(missing), stale, last_carried, tuple(reasons)
+    )
 
 
 def compute_features(
@@ -117,15 +276,26 @@ def compute_features(
     onchain: asset, date, tx_count, active_addresses, fees_native, hash_rate, difficulty
         (daily; bar d of BTC-* symbols gets day d-1's row, since a day's on-chain totals are
         known only when the day ends). May be empty.
-    macro: series, date, value, published (joined as of `published` <= bar date). May be empty.
+        A row is carried to later bars for up to `onchain_max_staleness_days` more days.
+    macro: series, date, value, published (joined as of `published` <= bar date, carried for
+        up to `macro_max_staleness_days`). May be empty. Every series with a value here gets
+        its columns (`macro_series_of`), so the features follow what was ingested.
 
     Each symbol's bars are computed apart and in parallel (no windowed `.over` expressions), in
     stages so that every intermediate (EMA, true range, MACD line) is computed once.
     """
+    series = macro_series_of(macro)
+    names = feature_columns(cfg, series)
+    clash = sorted(set(series) & (set(ohlcv.columns) | set(feature_columns(cfg, ()))))
+    if clash:
+        raise ValueError(
+            f"Macro series {clash} have the name of a bar or feature column; rename them in "
+            "the macro table (e.g. with a prefix) so their columns do not collide"
+        )
     days = ohlcv.lazy().select(pl.col("ts").dt.date().unique().alias("date"))
-    daily = _by_day(days, macro, cfg).collect()
-    daily_onchain = _onchain_by_day(onchain, cfg).collect()
-    names = feature_columns(cfg)
+    daily = _by_day(days, macro, series, cfg).collect()
+    bar_days = ohlcv.select("symbol", pl.col("ts").dt.date().alias("date")).unique()
+    daily_onchain = _onchain_by_day(onchain, bar_days, cfg)
 
     def build(bars: pl.LazyFrame) -> pl.LazyFrame:
         lf = _price_features(bars, cfg).with_columns(*_hour_of_day(), date=pl.col("ts").dt.date())
@@ -136,8 +306,9 @@ def compute_features(
     return per_symbol(ohlcv, build)
 
 
-def feature_columns(cfg: FeatureConfig) -> list[str]:
-    """Every column `compute_features` adds to the bars, in output order."""
+def feature_columns(cfg: FeatureConfig, series: Sequence[str] = MACRO_SERIES) -> list[str]:
+    """Every column `compute_features` adds to the bars, in output order, with macro columns
+    for `series` (`compute_features` uses the series present in its macro input)."""
     bb = f"{cfg.bbands_length}_{float(cfg.bbands_std)}"
     suffix = "_".join(map(str, cfg.macd))
     return [
@@ -160,9 +331,11 @@ def feature_columns(cfg: FeatureConfig) -> list[str]:
         *[f"close_over_sma_{n}" for n in cfg.sma_lengths],
         *[f"{name.lower()}_over_close_{suffix}" for name in ("MACD", "MACDh", "MACDs")],
         *CALENDAR_COLUMNS,
-        *macro_feature_columns(cfg),
+        *macro_feature_columns(cfg, series),
+        *[f"{s}_age_days" for s in series],
         *[f"difficulty_sma_{n}" for n in DIFFICULTY_RIBBON_DAYS],
         *onchain_feature_columns(cfg),
+        ONCHAIN_AGE_COLUMN,
     ]
 
 
@@ -259,24 +432,31 @@ def _calendar(date: pl.Expr) -> list[pl.Expr]:
     ]
 
 
-def _by_day(days: pl.LazyFrame, macro: pl.DataFrame, cfg: FeatureConfig) -> pl.LazyFrame:
+def _by_day(
+    days: pl.LazyFrame, macro: pl.DataFrame, series: Sequence[str], cfg: FeatureConfig
+) -> pl.LazyFrame:
     """Per bar date: the calendar features and each macro series as of that date, joined on its
     publication date (a value is used only once public, and not at all when older than
-    `macro_max_staleness_days`)."""
+    `macro_max_staleness_days`), with its age in days since publication."""
     w = cfg.macro_change_window
     lf = days.sort("date").with_columns(_calendar(pl.col("date")))
-    for series in MACRO_SERIES:
+    for name in series:
         s = (
             macro.lazy()
-            .filter(pl.col("series") == series)
+            .filter(pl.col("series") == name)
             .sort("date")
-            .with_columns((pl.col("value") - pl.col("value").shift(w)).alias(f"{series}_chg_{w}"))
+            .with_columns((pl.col("value") - pl.col("value").shift(w)).alias(f"{name}_chg_{w}"))
             .select(
                 pl.col("published").alias("date"),
-                pl.col("value").alias(series),
-                f"{series}_chg_{w}",
+                pl.col("published").alias("_published"),
+                pl.col("date").alias("_observed"),
+                pl.col("value").alias(name),
+                f"{name}_chg_{w}",
             )
-            .sort("date")
+            # several observations published on one day (a weekly release): the as-of join
+            # takes the last row of a day, which must be the newest observation
+            .sort(["date", "_observed"])
+            .drop("_observed")
         )
         lf = lf.join_asof(
             s,
@@ -284,12 +464,18 @@ def _by_day(days: pl.LazyFrame, macro: pl.DataFrame, cfg: FeatureConfig) -> pl.L
             strategy="backward",
             tolerance=timedelta(days=cfg.macro_max_staleness_days),
         )
+        lf = lf.with_columns(
+            (pl.col("date") - pl.col("_published")).dt.total_days().alias(f"{name}_age_days")
+        ).drop("_published")
     return lf
 
 
-def _onchain_by_day(onchain: pl.DataFrame, cfg: FeatureConfig) -> pl.LazyFrame:
-    """On-chain features per (symbol, date). Daily totals for day d are complete at the end of d:
-    bar d uses day d-1's row.
+def _onchain_by_day(
+    onchain: pl.DataFrame, bar_days: pl.DataFrame, cfg: FeatureConfig
+) -> pl.DataFrame:
+    """On-chain features per (symbol, bar date). Daily totals for day d are complete at the end
+    of d: bar d uses day d-1's row, or the newest earlier row up to `onchain_max_staleness_days`
+    older (a source that lags the price), with its age in days since it was complete.
 
     Rolling windows count rows, one per day of the on-chain table.
     """
@@ -298,13 +484,17 @@ def _onchain_by_day(onchain: pl.DataFrame, cfg: FeatureConfig) -> pl.LazyFrame:
     active, tx = pl.col("active_addresses"), pl.col("tx_count")
     ribbon = [difficulty.rolling_mean(n).over(by) for n in DIFFICULTY_RIBBON_DAYS]
     g = cfg.activity_growth_days
+    values = [
+        *[f"difficulty_sma_{n}" for n in DIFFICULTY_RIBBON_DAYS],
+        *onchain_feature_columns(cfg),
+    ]
 
     def growth(x: pl.Expr) -> pl.Expr:
         # a 7-day mean first, so the weekly cycle of activity does not show up as growth
         weekly = x.rolling_mean(7).over(by)
         return (weekly / weekly.shift(g).over(by)).log()
 
-    return (
+    rows = (
         onchain.lazy()
         .sort([by, "date"])
         .with_columns(
@@ -330,13 +520,31 @@ def _onchain_by_day(onchain: pl.DataFrame, cfg: FeatureConfig) -> pl.LazyFrame:
             (tx / active).alias("tx_per_active_address"),
             growth(active).alias(f"active_addresses_growth_{g}"),
             growth(tx).alias(f"tx_count_growth_{g}"),
-            (pl.col("date") + pl.duration(days=1)).alias("date"),
+            (pl.col("date") + pl.duration(days=1)).alias("_complete"),
             (pl.col(by) + "-USD").alias("symbol"),
         )
-        .select(
-            "symbol",
-            "date",
-            *[f"difficulty_sma_{n}" for n in DIFFICULTY_RIBBON_DAYS],
-            *onchain_feature_columns(cfg),
+        .select("symbol", "_complete", *values)
+        .collect()
+    )
+    parts = []
+    # one as-of join per symbol: few symbols have on-chain data, and a join without `by`
+    # can check that both sides are sorted
+    for (symbol,), right in rows.partition_by("symbol", as_dict=True, maintain_order=True).items():
+        left = bar_days.filter(pl.col("symbol") == symbol).sort("date")
+        parts.append(
+            left.join_asof(
+                right.drop("symbol").sort("_complete"),
+                left_on="date",
+                right_on="_complete",
+                strategy="backward",
+                tolerance=timedelta(days=cfg.onchain_max_staleness_days),
+            )
         )
+    if not parts:  # no on-chain rows: the columns exist, all null
+        parts = [bar_days.head(0).join(rows.drop("symbol"), how="cross")]
+    return pl.concat(parts).select(
+        "symbol",
+        "date",
+        *values,
+        (pl.col("date") - pl.col("_complete")).dt.total_days().alias(ONCHAIN_AGE_COLUMN),
     )

@@ -8,11 +8,19 @@ from pathlib import Path
 import dagster as dg
 
 from assets.backtest import backtest
+from assets.evaluation import evaluation
 from assets.features import features, labels
 from assets.ingest import INGEST_ASSETS
 from assets.leakage import LEAKAGE_CHECKS
 from assets.quality import QUALITY_CHECKS
-from assets.training import evaluation, mamba_model, model, predictions, training_dataset
+from assets.training import (
+    mamba_model,
+    model,
+    predictions,
+    sequence_baselines,
+    training_dataset,
+)
+from pipelines.partitions import fold_partitions
 from pipelines.resources import MarketSourcesResource, WarehouseResource
 from warehouse.paths import DEFAULT_DATA_DIR
 
@@ -23,9 +31,10 @@ ALL_ASSETS = [
     training_dataset,
     model,
     mamba_model,
+    sequence_baselines,
     predictions,
-    evaluation,
     backtest,
+    evaluation,
 ]
 
 ingest_job = dg.define_asset_job(
@@ -47,8 +56,10 @@ daily_refresh_job = dg.define_asset_job(
 )
 retrain_job = dg.define_asset_job(
     "retrain_job",
-    selection=dg.AssetSelection.groups("training", "backtest"),
-    description="Rebuild the training dataset, train, predict, evaluate and backtest.",
+    selection=dg.AssetSelection.groups("training", "backtest", "evaluation"),
+    partitions_def=fold_partitions,
+    description="Rebuild the training dataset, then for the chosen walk-forward fold(s): train "
+    "every model, predict, backtest; then evaluate over every fold.",
 )
 
 daily_refresh_schedule = dg.build_schedule_from_partitioned_job(
@@ -57,14 +68,19 @@ daily_refresh_schedule = dg.build_schedule_from_partitioned_job(
     minute_of_hour=0,
     default_status=dg.DefaultScheduleStatus.STOPPED,
 )
-weekly_retrain_schedule = dg.ScheduleDefinition(
-    name="weekly_retrain_schedule",
+
+
+@dg.schedule(
     job=retrain_job,
     cron_schedule="0 3 * * 0",
     execution_timezone="UTC",
     default_status=dg.DefaultScheduleStatus.STOPPED,
-    description="Sunday 03:00 UTC: retrain, evaluate and backtest on the refreshed data.",
+    description="Sunday 03:00 UTC: retrain the current walk-forward fold (its test window runs "
+    "to the newest bar), backtest it and re-evaluate every fold.",
 )
+def weekly_retrain_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    keys = fold_partitions.get_partition_keys(current_time=context.scheduled_execution_time)
+    return dg.RunRequest(partition_key=keys[-1])
 
 
 def default_resources(data_dir: str | None = None) -> dict[str, dg.ConfigurableResource]:

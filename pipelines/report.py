@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
 import polars as pl
 
+from ml.evaluation import metric_table
 from warehouse import ArtifactStore, DataPaths, Lake, Warehouse
 from warehouse.artifacts import ArtifactError
 from warehouse.paths import DEFAULT_DATA_DIR
@@ -14,6 +16,15 @@ from warehouse.paths import DEFAULT_DATA_DIR
 pl.Config.set_tbl_hide_dataframe_shape(True)
 pl.Config.set_tbl_rows(20)
 pl.Config.set_float_precision(4)
+pl.Config.set_tbl_cols(12)
+
+# the targets and metrics the summary prints (the HTML report has them all)
+HEADLINE = {
+    "direction_90": ["log_loss", "brier", "balanced_accuracy"],
+    "quantiles_90": ["loss", "coverage", "winkler"],
+    "sigma_30": ["qlike", "mz_r2"],
+    "returns_30": ["mae", "rank_ic", "hit_rate"],
+}
 
 
 def report(data_dir: str) -> str:
@@ -35,31 +46,34 @@ def report(data_dir: str) -> str:
     arts = ArtifactStore(paths.artifacts)
     out += ["", f"Artifacts: {paths.artifacts}"]
     try:
-        model = arts.latest("model", "holdout")
-        mamba = arts.latest("mamba2", "holdout")
-        evaluation = arts.latest("evaluation", "holdout")
-        backtest = arts.latest("backtest", "holdout")
+        evaluation = arts.latest("evaluation", "walk_forward")
     except ArtifactError as exc:
         out.append(f"  {exc}")
         return "\n".join(out)
-    out.append(f"  LightGBM model {model.version}: {model.path}")
-    out.append(f"  Mamba2 model {mamba.version}: {mamba.path}")
-    ev = pl.read_json(evaluation.file("metrics.json"))
-    metrics = pl.DataFrame(ev["metrics"][0].to_list())
-    out += [
-        f"  evaluation {evaluation.version} on {ev['rows'][0]} out-of-sample test rows "
-        "(90-bar direction):",
-        _indent(str(metrics), 4),
-    ]
-    bt = pl.read_parquet(backtest.file("metrics.parquet")).select(
+    results = json.loads(evaluation.file("evaluation.json").read_text())
+    out.append(
+        f"  evaluation {evaluation.version}: folds {', '.join(results['folds'])}, "
+        f"{results['test_rows']} out-of-sample test rows ({', '.join(results['symbols'])})"
+    )
+    for name, columns in HEADLINE.items():
+        table = metric_table(results, name, columns)
+        if table.height:
+            r = results["targets"][name]
+            out += [
+                f"  {name} on {r['rows']} rows {r['period'][0]}..{r['period'][1]} "
+                "(sorted by loss; in_mcs_90: in the 90% Model Confidence Set):",
+                _indent(str(table.select(["forecaster", *columns, "in_mcs_90"])), 4),
+            ]
+    bt = pl.DataFrame(results["backtest"]["metrics"]).select(
         ["symbol", "strategy", "total_return", "sharpe", "max_drawdown", "turnover_per_year"]
     )
     out += [
-        f"  backtest {backtest.version} (test period, after costs):",
+        "  walk-forward backtest (every fold's test window, after costs):",
         _indent(str(bt), 4),
-        f"  equity curves: {backtest.file('equity.png')}",
+        f"  report with plots: {evaluation.file('evaluation.html')}",
+        "",
+        "Browse everything in the Dagster UI: make ui  (http://127.0.0.1:3000)",
     ]
-    out += ["", "Browse everything in the Dagster UI: make ui  (http://127.0.0.1:3000)"]
     return "\n".join(out)
 
 

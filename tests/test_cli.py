@@ -125,7 +125,7 @@ def test_webserver_serves_the_graph_on_localhost(tmp_path):
             time.sleep(0.5)
         got = {n["assetKey"]["path"][0]: n["groupName"] for n in nodes}
         assert got["ohlcv_bars"] == "ingest" and got["backtest"] == "backtest"
-        assert len(got) == 11
+        assert len(got) == 12 and got["evaluation"] == "evaluation"
     finally:
         proc.terminate()
         proc.wait(timeout=30)

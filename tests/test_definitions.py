@@ -3,6 +3,7 @@ from datetime import UTC, datetime
 import dagster as dg
 
 from pipelines.definitions import daily_refresh_schedule, defs, weekly_retrain_schedule
+from pipelines.partitions import fold_partitions
 
 EXPECTED_GRAPH = {
     "ohlcv_bars": [],
@@ -13,16 +14,19 @@ EXPECTED_GRAPH = {
     "training_dataset": ["features", "labels"],
     "model": ["training_dataset"],
     "mamba_model": ["training_dataset"],
-    "predictions": ["mamba_model", "model"],
-    "evaluation": ["predictions"],
+    "sequence_baselines": ["training_dataset"],
+    "predictions": ["mamba_model", "model", "sequence_baselines"],
     "backtest": ["predictions"],
+    "evaluation": ["backtest", "predictions"],
 }
 EXPECTED_GROUPS = {
     "ingest": {"ohlcv_bars", "onchain_metrics", "macro_series"},
     "features": {"features", "labels"},
-    "training": {"training_dataset", "model", "mamba_model", "predictions", "evaluation"},
+    "training": {"training_dataset", "model", "mamba_model", "sequence_baselines", "predictions"},
     "backtest": {"backtest"},
+    "evaluation": {"evaluation"},
 }
+FOLD_ASSETS = {"model", "mamba_model", "sequence_baselines", "predictions", "backtest"}
 
 
 def test_asset_graph_has_the_expected_keys_and_edges():
@@ -48,8 +52,18 @@ def test_ingest_assets_are_daily_partitioned_with_single_run_backfills():
         node = graph.get(dg.AssetKey(name))
         assert isinstance(node.partitions_def, dg.DailyPartitionsDefinition)
         assert node.backfill_policy == dg.BackfillPolicy.single_run()
-    for name in set(EXPECTED_GRAPH) - EXPECTED_GROUPS["ingest"]:
+    for name in FOLD_ASSETS:
+        node = graph.get(dg.AssetKey(name))
+        assert node.partitions_def == fold_partitions, name
+        assert node.backfill_policy == dg.BackfillPolicy.single_run()
+    for name in set(EXPECTED_GRAPH) - EXPECTED_GROUPS["ingest"] - FOLD_ASSETS:
         assert graph.get(dg.AssetKey(name)).partitions_def is None
+
+
+def test_walk_forward_folds_are_yearly_partitions_through_the_current_year():
+    keys = fold_partitions.get_partition_keys(current_time=datetime(2026, 12, 1, tzinfo=UTC))
+    assert keys[0] == "2013" and keys[-1] == "2026"
+    assert "holdout" not in keys
 
 
 def test_quality_and_leakage_checks_are_attached_and_blocking():
@@ -90,3 +104,10 @@ def test_daily_refresh_runs_yesterdays_partition():
     job = defs.resolve_job_def("daily_refresh_job")
     selected = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
     assert selected == EXPECTED_GROUPS["ingest"] | EXPECTED_GROUPS["features"]
+
+
+def test_weekly_retrain_requests_the_current_fold():
+    ctx = dg.build_schedule_context(
+        scheduled_execution_time=datetime(2024, 5, 12, 3, 0, tzinfo=UTC)
+    )
+    assert weekly_retrain_schedule(ctx).partition_key == "2024"

@@ -1,11 +1,20 @@
 import warnings
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 
 import numpy as np
 import polars as pl
 import pytest
 
-from ml.features import FeatureConfig, compute_features, model_feature_columns
+from ml.features import (
+    MACRO_SERIES,
+    FeatureConfig,
+    compute_features,
+    macro_series_of,
+    model_feature_columns,
+    onchain_feature_columns,
+    onchain_symbols_of,
+    select_model_columns,
+)
 from warehouse.schema import MACRO, ONCHAIN
 from warehouse.sources import make_source
 
@@ -181,3 +190,93 @@ def test_feature_version_follows_parameters_and_definitions(monkeypatch):
     # a changed definition comes with a bumped FEATURES_CODE_VERSION, which changes the version
     monkeypatch.setattr(ml.features, "FEATURES_CODE_VERSION", "next")
     assert FeatureConfig().version() != base
+
+
+# --- the feature set follows the inputs; carried values and their age ------------------------
+
+
+def test_default_synthetic_sources_keep_the_model_columns_as_before(
+    feats, synthetic_onchain, synthetic_macro
+):
+    cfg = FeatureConfig()
+    assert macro_series_of(synthetic_macro) == MACRO_SERIES
+    assert onchain_symbols_of(synthetic_onchain) == ["BTC-USD"]
+    chosen = select_model_columns(feats, cfg, MACRO_SERIES, ["BTC-USD"])
+    assert chosen.dropped == []
+    assert chosen.columns == model_feature_columns(cfg)
+    assert len(chosen.columns) == 44  # as before the ragged-edge rule
+    assert chosen.columns[-16:] == [
+        *[c for s in MACRO_SERIES for c in (s, f"{s}_chg_5")],
+        *onchain_feature_columns(cfg),
+    ]
+    assert chosen.onchain_columns == onchain_feature_columns(cfg)
+    assert chosen.carried_columns == chosen.columns[-16:]
+
+
+def test_macro_columns_follow_the_series_present(synthetic_ohlcv, synthetic_onchain):
+    macro = make_source("macro", "synthetic", series=("DGS2", "DGS10")).fetch(
+        datetime(2015, 10, 1), datetime(2022, 1, 1)
+    )
+    extra = macro.filter(pl.col("series") == "DGS2").with_columns(series=pl.lit("VIXCLS"))
+    macro = pl.concat([macro, extra])
+    assert macro_series_of(macro) == ("DGS10", "DGS2", "VIXCLS")  # known order, then sorted
+    got = compute_features(
+        synthetic_ohlcv.filter(pl.col("symbol") == "ACME"), synthetic_onchain, macro
+    )
+    macro_cols = [c for c in got.columns if c.split("_")[0] in (*MACRO_SERIES, "VIXCLS")]
+    assert macro_cols == [
+        "DGS10",
+        "DGS10_chg_5",
+        "DGS2",
+        "DGS2_chg_5",
+        "VIXCLS",
+        "VIXCLS_chg_5",
+        "DGS10_age_days",
+        "DGS2_age_days",
+        "VIXCLS_age_days",
+    ]
+    assert got["VIXCLS"].equals(got["DGS2"], check_names=False)
+
+
+def test_a_macro_series_named_like_a_feature_column_is_rejected(synthetic_ohlcv, synthetic_onchain):
+    macro = pl.DataFrame(
+        {"series": ["RSI_14"], "date": [date(2020, 1, 2)], "value": [1.0]},
+    ).with_columns(published=pl.col("date"))
+    with pytest.raises(ValueError, match=r"Macro series \['RSI_14'\] have the name"):
+        compute_features(synthetic_ohlcv, synthetic_onchain, macro)
+
+
+def test_macro_age_counts_days_since_publication_up_to_the_limit(synthetic_onchain):
+    bars = make_source("ohlcv", "synthetic", symbols=("BTC-USD",)).fetch(
+        datetime(2020, 1, 1), datetime(2020, 2, 1)
+    )
+    # a weekly release: Monday 6 January publishes the five observations of the week before
+    week = [date(2019, 12, 30) + timedelta(days=i) for i in range(5)]
+    macro = pl.DataFrame(
+        {"series": "X", "date": week, "value": [1.0, 2.0, 3.0, 4.0, 5.0]}
+    ).with_columns(published=pl.lit(date(2020, 1, 6)))
+    got = compute_features(bars, synthetic_onchain, macro).with_columns(day=pl.col("ts").dt.date())
+    by_day = {r["day"]: (r["X"], r["X_age_days"]) for r in got.iter_rows(named=True)}
+    assert by_day[date(2020, 1, 5)] == (None, None)  # not published yet
+    assert by_day[date(2020, 1, 6)] == (5.0, 0)  # the newest observation of the release
+    assert by_day[date(2020, 1, 16)] == (5.0, 10)  # carried up to the 10-day limit
+    assert by_day[date(2020, 1, 17)] == (None, None)
+
+
+def test_a_missing_on_chain_day_is_carried_a_long_hole_is_not(synthetic_ohlcv, synthetic_onchain):
+    bars = synthetic_ohlcv.filter(pl.col("symbol") == "BTC-USD")
+    holes = synthetic_onchain.filter(
+        (pl.col("date") != date(2019, 6, 9))
+        & ~pl.col("date").is_between(date(2020, 3, 1), date(2020, 3, 10))
+    )
+    got = compute_features(bars, holes, pl.DataFrame(schema=MACRO.columns))
+    day = {r["ts"].date(): r for r in got.iter_rows(named=True)}
+    before = synthetic_onchain.filter(pl.col("date") == date(2019, 6, 8)).row(0, named=True)
+    assert day[date(2019, 6, 10)]["onchain_age_days"] == 1
+    assert day[date(2019, 6, 10)]["fees_per_tx"] == pytest.approx(
+        before["fees_native"] / before["tx_count"]
+    )
+    # 29 February's row is complete on 1 March: carried to bars up to 4 March, then missing
+    assert day[date(2020, 3, 4)]["onchain_age_days"] == 3
+    assert day[date(2020, 3, 5)]["fees_per_tx"] is None
+    assert day[date(2020, 3, 5)]["onchain_age_days"] is None

@@ -12,20 +12,28 @@ import torch
 
 from assets.leakage import LEAKAGE_CHECKS
 from assets.quality import QUALITY_CHECKS
-from ml.backbone import BackboneConfig, Forecaster
-from ml.dataset import Standardizer
+from ml.dataset import TEST, TRAIN, VAL, Standardizer
 from ml.features import FeatureConfig
+from ml.forecasters import TargetSpec, fold_data
+from ml.forecasters.neural import SequenceForecaster, SequenceSettings
 from ml.labels import LabelConfig
-from ml.sequence_data import build_lanes
+from ml.walkforward import Fold, assign_fold
 from pipelines.definitions import ALL_ASSETS, default_resources
 from pipelines.report import report
 from pipelines.resources import MarketSourcesResource
-from pipelines.train_mamba import predict
 from warehouse import ArtifactStore, DataPaths, Lake, Warehouse
 from warehouse.sources.base import SourceFetchError, register
 from warehouse.sources.synthetic import SyntheticOHLCV
 
-START, END = "2018-01-01", "2021-12-31"
+START, END = "2016-01-01", "2021-12-31"
+FOLDS = ("2020", "2021")  # the last two walk-forward folds of that range
+UPSTREAM = dg.AssetSelection.assets("training_dataset").upstream()
+FOLD_ASSETS = ["model", "mamba_model", "sequence_baselines", "predictions", "backtest"]
+# small and quick: one epoch, two seeds
+SEQUENCE = {"epochs": 1, "tbptt_len": 256, "seeds": [0, 1], "patience": 1}
+FOLD_CONFIG = {
+    "ops": {"mamba_model": {"config": SEQUENCE}, "sequence_baselines": {"config": SEQUENCE}}
+}
 EVERYTHING = [*ALL_ASSETS, *QUALITY_CHECKS, *LEAKAGE_CHECKS]
 ASSET_NAMES = {a.key.to_user_string() for a in ALL_ASSETS}
 
@@ -67,18 +75,26 @@ def _materialized(result) -> set[str]:
     return {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
 
 
+def _walk_forward(root):
+    """The three runs `make demo` makes: daily partitions up to the dataset, the fold assets
+    over two folds, the evaluation."""
+    upstream = _run(root, selection=UPSTREAM, tags=_range_tags())
+    folds = _run(root, selection=FOLD_ASSETS, tags=_range_tags(*FOLDS), run_config=FOLD_CONFIG)
+    evaluation = _run(root, selection=["evaluation"])
+    return upstream, folds, evaluation
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("graph") / "data"
-    result = _run(root, tags=_range_tags())
-    return root, result
+    return root, _walk_forward(root)
 
 
 def test_every_asset_materializes_and_every_check_passes(built):
-    _, result = built
-    assert result.success
-    assert _materialized(result) == ASSET_NAMES
-    evaluations = result.get_asset_check_evaluations()
+    _, runs = built
+    assert all(r.success for r in runs)
+    assert set().union(*(_materialized(r) for r in runs)) == ASSET_NAMES
+    evaluations = runs[0].get_asset_check_evaluations()
     assert len(evaluations) == 9 and all(e.passed for e in evaluations), [
         (e.check_name, e.description) for e in evaluations if not e.passed
     ]
@@ -88,12 +104,12 @@ def test_warehouse_holds_the_whole_range(built):
     root, _ = built
     summary = Warehouse(DataPaths.at(root)).summary("ohlcv")
     btc = summary.filter(pl.col("entity") == "BTC-USD").row(0, named=True)
-    assert btc["rows"] == 1461
-    assert btc["first"] == datetime(2018, 1, 1) and btc["last"] == datetime(2021, 12, 31)
+    assert btc["rows"] == 2192
+    assert btc["first"] == datetime(2016, 1, 1) and btc["last"] == datetime(2021, 12, 31)
 
 
 def test_outputs_are_in_the_lake_and_artifact_store(built):
-    root, result = built
+    root, (_, folds, evaluation) = built
     paths = DataPaths.at(root)
     lake = Lake(paths.lake)
     with Warehouse(paths).connect() as con:
@@ -103,32 +119,77 @@ def test_outputs_are_in_the_lake_and_artifact_store(built):
             (n,) = con.sql(f"SELECT count(*) FROM lake_{table}").fetchall()[0]  # noqa: S608
             assert n == lake.read(table).height > 0, table
     arts = ArtifactStore(paths.artifacts)
-    model = arts.latest("model", "holdout")
-    arts.verify(model)
-    backtest = arts.latest("backtest", "holdout")
-    assert backtest.file("equity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    md = result.asset_materializations_for_node("model")[0].metadata
-    assert md["model_version"].value == model.version
+    for fold in FOLDS:
+        for kind in ("model", "mamba2", "lstm", "gru", "transformer", "cnn_lstm", "predictions"):
+            arts.verify(arts.latest(kind, fold))
+        backtest = arts.latest("backtest", fold)
+        assert backtest.file("equity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ev = arts.latest("evaluation", "walk_forward")
+    assert "<html" in ev.file("evaluation.html").read_text()
+    md = evaluation.asset_materializations_for_node("evaluation")[0].metadata
+    assert md["path"].value == str(ev.path)
+    assert set(md["folds"].value) == set(FOLDS)
 
 
-def test_evaluation_scores_model_and_baselines_on_the_same_test_rows(built):
-    root, result = built
-    meta = Lake(DataPaths.at(root).lake).read_meta("training_dataset")
-    ev = result.asset_materializations_for_node("evaluation")[0].metadata
-    assert ev["test_rows"].value > 100
-    first_test_day = ev["test_period"].value.split(" .. ")[0]
-    assert first_test_day >= meta["split"]["test_start"][:10]
-    table = ev["metrics"].value
-    for name in ("lightgbm", "mamba2", "climatology", "persistence"):
-        assert f"| {name} " in table, table
-    assert ev["mamba2_log_loss"].value > 0 and ev["lightgbm_log_loss"].value > 0
-    assert "ci95_low" in ev["log_loss_vs_baselines"].value
+def test_evaluation_scores_every_target_for_every_forecaster_on_the_same_test_rows(built):
+    root, _ = built
+    arts = ArtifactStore(DataPaths.at(root).artifacts)
+    results = json.loads(
+        arts.latest("evaluation", "walk_forward").file("evaluation.json").read_text()
+    )
+    assert results["folds"] == list(FOLDS)
+    first_test = datetime(int(FOLDS[0]), 1, 1)
+    for name in ("direction_90", "quantiles_90", "sigma_30", "returns_1", "returns_30"):
+        r = results["targets"][name]
+        assert r["rows"] > 100, name
+        assert r["period"][0] >= f"{first_test:%Y-%m-%d}"
+        assert {"mamba2", "lightgbm", "ensemble", "ensemble_equal", "lstm"} <= set(r["metrics"])
+        assert set(r["mcs"]["pvalues"]) == set(r["metrics"])
+        assert {c["baseline"] for c in r["comparisons"] if c["model"] == "mamba2"} == set(
+            r["metrics"]
+        ) - {"mamba2"}
+        assert len(r["seeds"]["mamba2"]["seeds"]) == 2
+    direction = results["targets"]["direction_90"]
+    assert {"climatology", "persistence", "zero_return"} <= set(direction["metrics"])
+    sigma = results["targets"]["sigma_30"]
+    assert {"ewma", "garch", "har"} <= set(sigma["metrics"])
+    assert (
+        "non_overlapping" in direction and "non_overlapping" not in results["targets"]["returns_1"]
+    )
 
 
 def test_report_points_at_the_results(built):
     root, _ = built
     text = report(str(root))
-    assert "evaluation" in text and "climatology" in text and "equity.png" in text
+    assert "direction_90" in text and "climatology" in text and "evaluation.html" in text
+
+
+def test_no_prediction_row_lies_inside_or_within_the_purge_of_its_models_training_window(built):
+    """For every fold and every model artifact, the fold recorded in the artifact's manifest
+    is what the test checks against: each predicted test row lies in the test window, after the
+    last bar any training or validation label looked at (plus the embargo)."""
+    root, _ = built
+    paths = DataPaths.at(root)
+    arts, lake = ArtifactStore(paths.artifacts), Lake(paths.lake)
+    data = lake.read("training_dataset")
+    for key in FOLDS:
+        preds = pl.read_parquet(arts.latest("predictions", key).file("predictions.parquet"))
+        for kind in ("model", "mamba2", "lstm", "gru", "transformer", "cnn_lstm"):
+            art = arts.latest(kind, key)
+            fold = Fold.from_json(art.manifest["metadata"]["fold"])
+            rows = assign_fold(data, fold)
+            fitted = rows.filter(pl.col("split").is_in([TRAIN, VAL]))
+            test = preds.filter(pl.col("split") == TEST)
+            assert test.height > 0
+            assert test["ts"].min() >= fold.test_start and test["ts"].max() < fold.test_end
+            # every label window of a training or validation row ends before the test rows
+            last_seen = fitted["label_end_ts"].max()
+            assert last_seen + fold.embargo < test["ts"].min(), (kind, key)
+            train = rows.filter(pl.col("split") == TRAIN)
+            assert train["label_end_ts"].max() < fold.fit_end
+            # and no predicted row is a training or validation row of its own model
+            overlap = test.join(fitted, on=["symbol", "ts"], how="inner")
+            assert overlap.is_empty(), (kind, key)
 
 
 def test_rematerializing_a_partition_or_the_range_keeps_row_counts(built):
@@ -141,15 +202,14 @@ def test_rematerializing_a_partition_or_the_range_keeps_row_counts(built):
     assert {t: wh.count(t) for t in before} == before
 
 
-def test_rerunning_training_reuses_the_identical_model_version(built):
+def test_rerunning_a_fold_reuses_the_identical_artifact_versions(built):
     root, _ = built
     arts = ArtifactStore(DataPaths.at(root).artifacts)
-    first = arts.latest("model", "holdout").version
-    result = _run(root, selection=dg.AssetSelection.groups("features", "training"))
-    md = result.asset_materializations_for_node("model")[0].metadata
-    assert md["model_version"].value == first
-    assert md["reused_existing"].value is True
-    assert len(arts.list("model", "holdout")) == 1
+    before = {k: arts.latest(k, FOLDS[-1]).version for k in ("model", "mamba2", "predictions")}
+    result = _run(root, selection=FOLD_ASSETS, partition_key=FOLDS[-1], run_config=FOLD_CONFIG)
+    assert result.success
+    assert {k: arts.latest(k, FOLDS[-1]).version for k in before} == before
+    assert len(arts.list("model", FOLDS[-1])) == 1
 
 
 @register("ohlcv", "corrupt-test")
@@ -180,6 +240,7 @@ def test_a_failed_quality_check_blocks_everything_downstream(tmp_path):
     }
     result = _run(
         root,
+        selection=UPSTREAM,
         tags=_range_tags("2019-01-01", "2019-12-31"),
         resources=resources,
         raise_on_error=False,
@@ -202,7 +263,12 @@ def test_an_unknown_symbol_fails_the_run_before_anything_is_written(tmp_path):
         "sources": MarketSourcesResource(symbols=["BTC-USD", "NOPE"]),
     }
     with pytest.raises(Exception) as failure:
-        _run(root, tags=_range_tags("2019-01-01", "2019-01-31"), resources=resources)
+        _run(
+            root,
+            selection=UPSTREAM,
+            tags=_range_tags("2019-01-01", "2019-01-31"),
+            resources=resources,
+        )
     assert "Unknown symbols ['NOPE'] for source 'synthetic'" in _messages(failure.value)
     assert not DataPaths.at(root).duckdb_file.exists()
 
@@ -298,38 +364,30 @@ def test_a_failed_fetch_leaves_the_warehouse_as_it_was(built, tmp_path):
 
 
 def test_the_mamba2_artifact_reloads_and_reproduces_its_predictions(built):
-    root, result = built
+    root, _ = built
     paths = DataPaths.at(root)
-    art = ArtifactStore(paths.artifacts).latest("mamba2", "holdout")
-    md = result.asset_materializations_for_node("mamba_model")[0].metadata
-    assert md["model_version"].value == art.version and md["epochs_run"].value >= 1
+    art = ArtifactStore(paths.artifacts).latest("mamba2", FOLDS[-1])
     cfg_json = json.loads(art.file("config.json").read_text())
-    cfg = BackboneConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_json["backbone"].items()}
-    )
-    model = Forecaster(cfg)
-    model.load_state_dict(torch.load(art.file("weights.pt"), weights_only=True)["model"])
     lake = Lake(paths.lake)
     meta = lake.read_meta("training_dataset")
-    lanes = build_lanes(
-        lake.read("features"),
-        lake.read("labels"),
-        lake.read("training_dataset"),
-        meta["feature_columns"],
-        cfg.horizons,
-        cfg_json["direction_column"],
-        "fwd_ret_90",
-        "fwd_vol_30",
-        scaler=Standardizer.from_json(art.file("scaler.json").read_text()),
-    )
-    again = predict(model, lanes, torch.device("cpu"), chunk=97)  # another chunking, same state
-    saved = pl.read_parquet(art.file("predictions.parquet"))
+    fold = Fold.from_json(art.manifest["metadata"]["fold"])
+    data = lake.read("training_dataset")
+    targets = TargetSpec.from_label_config(LabelConfig.from_dict(meta["label_config"]))
+    fd = fold_data(data, data, fold, meta["feature_columns"], targets)
+    # another chunking than training used: the carried state makes it the same forecast
+    f = SequenceForecaster("mamba2", 0, SequenceSettings(tbptt_len=97))
+    f.model = f.build(fd)
+    f.model.load_state_dict(torch.load(art.file("weights_seed0.pt"), weights_only=True)["model"])
+    f.scaler = Standardizer.from_json(art.file("scaler.json").read_text())
+    assert cfg_json["seeds"] == [0, 1]
+    again = f.predict(fd)
+    saved = pl.read_parquet(art.file("predictions.parquet")).filter(pl.col("seed") == 0)
     assert again.height == saved.height
-    assert np.allclose(again["mamba_p_up"], saved["mamba_p_up"], atol=1e-5)
+    assert np.allclose(again["p_up"], saved["p_up"], atol=1e-5)
 
 
 def test_feature_and_label_versions_name_their_parquet_paths(built):
-    root, result = built
+    root, (result, _, _) = built
     lake = Lake(DataPaths.at(root).lake)
     for node, key, version in (
         ("features", "feature_version", FeatureConfig().version()),

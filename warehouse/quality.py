@@ -3,14 +3,19 @@
 Each table has one suite; it is validated per entity (symbol, asset or series) so that
 "timestamps unique and increasing" means per symbol, as it should. Great Expectations is
 imported lazily: it takes seconds to import and only the checks need it.
+
+Each outcome is an error (a defect of the table: it fails the report) or a warning (worth a
+look, not a defect: a macro series or on-chain data ending before the window end is a ragged
+edge that the features' ragged-edge rule handles, see ml.features.select_model_columns).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
 
@@ -24,6 +29,7 @@ class ExpectationOutcome:
     success: bool
     unexpected_count: int = 0
     examples: list[dict[str, Any]] = field(default_factory=list)  # offending rows, with entity
+    severity: Literal["error", "warning"] = "error"  # a failed warning does not fail the report
 
     @property
     def rule(self) -> str:
@@ -40,21 +46,38 @@ class QualityReport:
 
     @property
     def success(self) -> bool:
-        return all(o.success for o in self.outcomes)
+        """No error failed (warnings may have)."""
+        return not self.failures
 
     @property
     def failures(self) -> list[ExpectationOutcome]:
-        return [o for o in self.outcomes if not o.success]
+        """The failed errors: what makes the report fail."""
+        return [o for o in self.outcomes if not o.success and o.severity == "error"]
+
+    @property
+    def warnings(self) -> list[ExpectationOutcome]:
+        """The failed warnings: reported, but the report still passes."""
+        return [o for o in self.outcomes if not o.success and o.severity == "warning"]
 
     def summary(self) -> str:
         if self.success:
-            return f"{self.table}: {len(self.outcomes)} expectations passed on {self.rows} rows"
-        lines = [
-            f"{self.table}: {len(self.failures)} of {len(self.outcomes)} expectations failed "
-            f"on {self.rows} rows"
-        ]
+            head = f"{self.table}: {len(self.outcomes)} expectations passed on {self.rows} rows"
+            if self.warnings:
+                head = (
+                    f"{self.table}: {len(self.outcomes) - len(self.warnings)} of "
+                    f"{len(self.outcomes)} expectations passed on {self.rows} rows, "
+                    f"{len(self.warnings)} warned"
+                )
+        else:
+            head = (
+                f"{self.table}: {len(self.failures)} of {len(self.outcomes)} expectations failed "
+                f"on {self.rows} rows"
+            )
+        lines = [head]
         for f in self.failures:
             lines.append(f"- {f.rule}: {f.unexpected_count} rows, e.g. {f.examples[:3]}")
+        for w in self.warnings:
+            lines.append(f"- warning {w.rule}: {w.unexpected_count} rows, e.g. {w.examples[:3]}")
         return "\n".join(lines)
 
 
@@ -180,17 +203,41 @@ def validate_table(table: str, df: pl.DataFrame, max_examples: int = 5) -> Quali
 # written in polars and reported as ExpectationOutcome like the suites above.
 
 DAILY_TABLES = ("ohlcv", "onchain", "macro")
+# tables whose lagging or early-ending entities are ragged edges, handled by the features'
+# ragged-edge rule: staleness and freshness there are warnings, not failures of the table
+RAGGED_TABLES = ("onchain", "macro")
 
 
 @dataclass(frozen=True)
 class RuleConfig:
     max_missing_calendar_days: int = 0  # entities trading every day (crypto, on-chain)
-    max_missing_business_days: int = 2  # stocks and macro series: tolerates holidays
+    # business days missing between two rows, beyond US federal holidays (which are never
+    # counted): stocks close on a few other days (Good Friday, national days of mourning)
+    max_missing_business_days: int = 2
+    # macro series: the Fed and the Treasury market close for storms and shutdowns too
+    # (DTWEXBGS misses 4 business days in February 2010 and 3 in January 2016); a longer hole
+    # is a broken download, not a closure
+    macro_max_missing_business_days: int = 5
     macro_max_stale_business_days: int = 10  # no new macro value for longer than this
     fresh_max_missing: int = 1  # periods between the newest row and the window end
     macro_fresh_max_business_days: int = 5  # macro series are published with a lag
     max_abs_log_return: float = 0.4  # one-bar move worth a warning
     lookback_days: int = 21  # context read before the window for gaps, staleness, moves
+
+
+@functools.cache
+def us_federal_holidays() -> list[date]:
+    """US federal holidays 1950-2100 as observed (Saturday ones on the Friday before, Sunday
+    ones on the Monday after): the days FRED's business-day series have no value."""
+    from pandas.tseries.holiday import USFederalHolidayCalendar
+
+    days = USFederalHolidayCalendar().holidays("1950-01-01", "2100-12-31")
+    return [d.date() for d in days]
+
+
+def business_days_between(start: pl.Expr, end: pl.Expr) -> pl.Expr:
+    """Business days (Mon-Fri, not US federal holidays) in [start, end)."""
+    return pl.business_day_count(start, end, holidays=us_federal_holidays())
 
 
 def weekend_entities(df: pl.DataFrame, table: str) -> set[str]:
@@ -210,18 +257,25 @@ def _as_date(value) -> date | None:
     return value.date() if isinstance(value, datetime) else value
 
 
-def _outcome(name: str, kwargs: dict, bad: pl.DataFrame, max_examples: int) -> ExpectationOutcome:
+def _outcome(
+    name: str,
+    kwargs: dict,
+    bad: pl.DataFrame,
+    max_examples: int,
+    severity: Literal["error", "warning"] = "error",
+) -> ExpectationOutcome:
     return ExpectationOutcome(
-        name, kwargs, bad.is_empty(), bad.height, bad.head(max_examples).to_dicts()
+        name, kwargs, bad.is_empty(), bad.height, bad.head(max_examples).to_dicts(), severity
     )
 
 
 def _missing_periods(prev: pl.Expr, cur: pl.Expr, calendar: pl.Expr) -> pl.Expr:
-    """Expected periods strictly between two dates: calendar days or business days."""
+    """Expected periods strictly between two dates: calendar days, or business days that are
+    not US federal holidays."""
     return (
         pl.when(calendar)
         .then((cur - prev).dt.total_days() - 1)
-        .otherwise(pl.business_day_count(prev + pl.duration(days=1), cur))
+        .otherwise(business_days_between(prev + pl.duration(days=1), cur))
     )
 
 
@@ -232,10 +286,16 @@ def check_gaps(
     cfg: RuleConfig = RuleConfig(),
     max_examples: int = 5,
 ) -> ExpectationOutcome:
-    """Missing days between consecutive rows of an entity (rows at or after `since` reported)."""
+    """Missing days between consecutive rows of an entity (rows at or after `since` reported):
+    calendar days for entities trading every day, up to `max_missing_calendar_days`; business
+    days beyond US federal holidays otherwise, up to `max_missing_business_days`
+    (`macro_max_missing_business_days` for macro series)."""
     spec = table_spec(table)
     ent, t = spec.entity_column, spec.time_column
     cal = sorted(weekend_entities(df, table))
+    business = (
+        cfg.macro_max_missing_business_days if table == "macro" else cfg.max_missing_business_days
+    )
     d = (
         df.sort([ent, t])
         .with_columns(_d=pl.col(t).cast(pl.Date))
@@ -244,9 +304,7 @@ def check_gaps(
     d = d.with_columns(
         missing=_missing_periods(pl.col("_prev"), pl.col("_d"), pl.col("_cal")),
         calendar=pl.when(pl.col("_cal")).then(pl.lit("calendar")).otherwise(pl.lit("business")),
-        allowed=pl.when(pl.col("_cal"))
-        .then(cfg.max_missing_calendar_days)
-        .otherwise(cfg.max_missing_business_days),
+        allowed=pl.when(pl.col("_cal")).then(cfg.max_missing_calendar_days).otherwise(business),
     )
     bad = d.filter(pl.col("missing") > pl.col("allowed"))
     if since is not None:
@@ -256,22 +314,15 @@ def check_gaps(
         "column": t,
         "per": ent,
         "max_missing_calendar_days": cfg.max_missing_calendar_days,
-        "max_missing_business_days": cfg.max_missing_business_days,
+        "max_missing_business_days": business,
+        "not_counted": "US federal holidays",
     }
     return _outcome("mambacast_expect_no_gaps", kwargs, bad, max_examples)
 
 
-def check_macro_staleness(
-    df: pl.DataFrame,
-    as_of: date | datetime | None = None,
-    since: date | datetime | None = None,
-    cfg: RuleConfig = RuleConfig(),
-    max_examples: int = 5,
-) -> ExpectationOutcome:
-    """Macro series without a new value (a new row with a changed value) for more than N
-    business days: within the rows (a forward-filled value), and up to `as_of` (the window end)."""
-    n = cfg.macro_max_stale_business_days
-    d = (
+def _last_new_value(df: pl.DataFrame) -> pl.DataFrame:
+    """Macro rows with the date of the newest row whose value differs from the row before."""
+    return (
         df.sort(["series", "date"])
         .with_columns(
             _changed=(pl.col("value") != pl.col("value").shift(1).over("series")).fill_null(True)
@@ -284,8 +335,20 @@ def check_macro_staleness(
             .over("series")
         )
     )
-    d = d.with_columns(
-        business_days_without_new_value=pl.business_day_count(
+
+
+def check_macro_staleness(
+    df: pl.DataFrame,
+    since: date | datetime | None = None,
+    cfg: RuleConfig = RuleConfig(),
+    max_examples: int = 5,
+) -> ExpectationOutcome:
+    """An error: rows of a macro series repeating the same value for more than N business days
+    (a source that forward-fills, which real daily rates and indexes never do); rows at or
+    after `since` reported."""
+    n = cfg.macro_max_stale_business_days
+    d = _last_new_value(df).with_columns(
+        business_days_without_new_value=business_days_between(
             pl.col("last_new_value"), pl.col("date")
         )
     )
@@ -293,24 +356,36 @@ def check_macro_staleness(
     bad = d.filter(pl.col("business_days_without_new_value") > n)
     if since is not None:
         bad = bad.filter(pl.col("date") >= _as_date(since))
-    bad = bad.select(cols)
-    if as_of is not None and d.height:
-        end = _as_date(as_of)
-        newest = (
-            d.group_by("series", maintain_order=True)
-            .last()
-            .with_columns(
-                business_days_without_new_value=pl.business_day_count(
-                    pl.col("last_new_value"), pl.lit(end)
-                )
-            )
-            .filter(pl.col("business_days_without_new_value") > n)
-            .with_columns(date=pl.lit(end))
-            .select(cols)
+    kwargs = {"column": "value", "per": "series", "max_stale_business_days": n}
+    return _outcome("mambacast_expect_macro_not_stale", kwargs, bad.select(cols), max_examples)
+
+
+def check_macro_current(
+    df: pl.DataFrame,
+    as_of: date | datetime,
+    cfg: RuleConfig = RuleConfig(),
+    max_examples: int = 5,
+) -> ExpectationOutcome:
+    """A warning: macro series whose newest new value is more than N business days before
+    `as_of` (the window end): a series that ended or is published late. Not a defect of the
+    table; the features carry such a series for a while, then drop it from the model."""
+    n = cfg.macro_max_stale_business_days
+    end = _as_date(as_of)
+    newest = (
+        _last_new_value(df)
+        .group_by("series", maintain_order=True)
+        .last()
+        .with_columns(
+            date=pl.lit(end),
+            business_days_without_new_value=business_days_between(
+                pl.col("last_new_value"), pl.lit(end)
+            ),
         )
-        bad = pl.concat([bad, newest.cast(bad.schema)])
-    kwargs = {"column": "value", "per": "series", "max_stale_business_days": n, "as_of": as_of}
-    return _outcome("mambacast_expect_macro_not_stale", kwargs, bad, max_examples)
+        .filter(pl.col("business_days_without_new_value") > n)
+        .select("series", "date", "value", "last_new_value", "business_days_without_new_value")
+    )
+    kwargs = {"column": "value", "per": "series", "max_stale_business_days": n, "as_of": end}
+    return _outcome("mambacast_expect_macro_current", kwargs, newest, max_examples, "warning")
 
 
 def check_freshness(
@@ -320,15 +395,20 @@ def check_freshness(
     cfg: RuleConfig = RuleConfig(),
     max_examples: int = 5,
 ) -> ExpectationOutcome:
-    """The newest row of each entity is close to the window end (calendar or business days)."""
+    """The newest row of each entity is close to the window end (calendar or business days).
+
+    An error for bars; a warning for on-chain and macro rows, whose sources lag or end early
+    (the features carry their values for a while, then drop them from the model)."""
     spec = table_spec(table)
     ent, t = spec.entity_column, spec.time_column
     end = _as_date(window_end)
     allowed = cfg.macro_fresh_max_business_days if table == "macro" else cfg.fresh_max_missing
+    severity = "warning" if table in RAGGED_TABLES else "error"
     kwargs = {"column": t, "per": ent, "window_end": str(window_end), "max_missing": allowed}
+    name = "mambacast_expect_fresh_newest_partition"
     if df.is_empty():
         bad = pl.DataFrame({ent: [None], "newest": [None], "window_end": [end]})
-        return _outcome("mambacast_expect_fresh_newest_partition", kwargs, bad, max_examples)
+        return _outcome(name, kwargs, bad, max_examples, severity)
     cal = sorted(weekend_entities(df, table))
     newest = df.group_by(ent).agg(newest=pl.col(t).max().cast(pl.Date)).sort(ent)
     newest = newest.with_columns(
@@ -336,7 +416,7 @@ def check_freshness(
         missing=_missing_periods(pl.col("newest"), pl.lit(end), pl.col(ent).is_in(cal)),
     )
     bad = newest.filter(pl.col("missing") > allowed)
-    return _outcome("mambacast_expect_fresh_newest_partition", kwargs, bad, max_examples)
+    return _outcome(name, kwargs, bad, max_examples, severity)
 
 
 def check_extreme_moves(
@@ -386,16 +466,20 @@ def validate_rules(
     window_end: date | datetime | None = None,
     cfg: RuleConfig = RuleConfig(),
 ) -> QualityReport:
-    """Blocking polars rules on a daily raw table: gaps, macro staleness, freshness.
+    """Polars rules on a daily raw table: gaps and forward-filled macro values (errors), and
+    with a window end, freshness (an error for bars, a warning for on-chain and macro rows)
+    and macro series without a new value by the window end (a warning).
 
     `df` may hold context before the window (see RuleConfig.lookback_days); only problems at or
-    after `window_start` are reported. Freshness is checked when a window end is given.
+    after `window_start` are reported.
     """
     spec = table_spec(table)
     start = _start_of(table, window_start)
     outcomes = [check_gaps(table, df, start, cfg)]
     if table == "macro":
-        outcomes.append(check_macro_staleness(df, window_end, start, cfg))
+        outcomes.append(check_macro_staleness(df, start, cfg))
+        if window_end is not None and df.height:
+            outcomes.append(check_macro_current(df, window_end, cfg))
     if window_end is not None:
         outcomes.append(check_freshness(table, df, window_end, cfg))
     rows = _in_window(table, df, start, _start_of(table, window_end))
@@ -431,13 +515,23 @@ NUMERIC_PANDAS_TYPES = ["float64", "float32", "int64", "int32", "int16", "int8",
 def validate_features(
     df: pl.DataFrame,
     model_columns: list[str],
-    onchain_columns: tuple[str, ...] = ("hash_rate_ratio_30_60", "fees_per_tx"),
+    onchain_columns: Sequence[str] = ("hash_rate_ratio_30_60", "fees_per_tx"),
     warmup_bars: int = 250,
     max_examples: int = 5,
+    *,
+    carried_columns: Sequence[str] = (),
+    max_missing_share: float = 0.0,
+    onchain_symbols: Sequence[str] | None = None,
 ) -> QualityReport:
     """Schema and types, unique (symbol, ts), RSI in 0..100, and model columns not null after
-    the first `warmup_bars` bars of each symbol (on-chain columns: only on symbols trading on
-    weekends, i.e. crypto; other symbols have no on-chain data)."""
+    the first `warmup_bars` bars of each symbol. On-chain columns are checked on the symbols
+    with on-chain data only: `onchain_symbols`, or when not given, the symbols trading on
+    weekends (crypto).
+
+    `carried_columns` (macro and on-chain values carried forward up to a limit, see
+    ml.features.select_model_columns) may be null on up to `max_missing_share` of those bars,
+    and must be set on each symbol's newest bar: the ragged-edge rule keeps only inputs that
+    reach the end of the data."""
     import great_expectations.expectations as gxe
 
     present = [c for c in model_columns if c in df.columns]
@@ -453,6 +547,16 @@ def validate_features(
         for c in present
         if c.upper().startswith("RSI")
     ]
+    carried = set(carried_columns)
+
+    def not_null(columns: list[str]) -> list:
+        return [
+            gxe.ExpectColumnValuesToNotBeNull(column=c, mostly=1.0 - max_missing_share)
+            if c in carried and max_missing_share > 0
+            else gxe.ExpectColumnValuesToNotBeNull(column=c)
+            for c in columns
+        ]
+
     dense = [c for c in present if c not in onchain_columns]
     chain = [c for c in present if c in onchain_columns]
     warm = (
@@ -461,21 +565,45 @@ def validate_features(
         .filter(pl.col("_bar") >= warmup_bars)
         .drop("_bar")
     )
-    crypto = sorted(weekend_entities(df, "ohlcv")) if df.height else []
+    if onchain_symbols is None:
+        onchain_symbols = sorted(weekend_entities(df, "ohlcv")) if df.height else []
+    warm_chain = warm.filter(pl.col("symbol").is_in(list(onchain_symbols)))
     merged: dict[str, ExpectationOutcome] = {}
     label = {"table": "features"}
     runs = [
         ("features_schema", base, df),
-        ("features_warm", [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in dense], warm),
-        (
-            "features_warm_onchain",
-            [gxe.ExpectColumnValuesToNotBeNull(column=c) for c in chain],
-            warm.filter(pl.col("symbol").is_in(crypto)),
-        ),
+        ("features_warm", not_null(dense), warm),
+        ("features_warm_onchain", not_null(chain), warm_chain),
     ]
     for name, exps, part in runs:
         if exps and (part.height or name == "features_schema"):
             batch_def, suite = _suite(name, exps)
             _run_suite(batch_def, suite, part, merged, label, max_examples, keep=["symbol", "ts"])
+    outcomes = list(merged.values())
+    if carried:
+        newest = [
+            (warm, [c for c in dense if c in carried]),
+            (warm_chain, [c for c in chain if c in carried]),
+        ]
+        outcomes.append(_carried_on_newest_bar(newest, max_examples))
     symbols = df["symbol"].unique(maintain_order=True).to_list() if "symbol" in df.columns else []
-    return QualityReport("features", df.height, symbols, list(merged.values()))
+    return QualityReport("features", df.height, symbols, outcomes)
+
+
+def _carried_on_newest_bar(
+    parts: list[tuple[pl.DataFrame, list[str]]], max_examples: int
+) -> ExpectationOutcome:
+    """Carried columns set on each symbol's newest bar (of the rows given for them)."""
+    bad = [
+        rows.group_by("symbol", maintain_order=True)
+        .last()
+        .select("symbol", "ts", *[pl.col(c).is_null() for c in columns])
+        .unpivot(index=["symbol", "ts"], variable_name="column", value_name="null")
+        .filter(pl.col("null"))
+        .drop("null")
+        for rows, columns in parts
+        if columns and rows.height
+    ]
+    found = pl.concat(bad) if bad else pl.DataFrame(schema={"symbol": pl.String})
+    kwargs = {"columns": "carried model columns", "per": "symbol", "row": "newest bar"}
+    return _outcome("mambacast_expect_carried_on_newest_bar", kwargs, found, max_examples)

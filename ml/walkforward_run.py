@@ -1,0 +1,163 @@
+"""Running the forecasters of one walk-forward fold, and putting their predictions together.
+
+Predictions are kept in one long table: a row per (forecaster, seed, symbol, ts) of the fold's
+validation and test rows, with the prediction columns of `ml.forecasters.base` (null where a
+forecaster does not cover a target). `seed` is null for deterministic forecasters and for the
+mean over seeds of a neural model, which is what the evaluation compares (each seed is also
+scored alone for the mean +- std).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import polars as pl
+
+from ml.forecasters import ALL_TARGETS, REGISTRY, FoldData, TargetSpec
+from ml.forecasters.ensemble import combine, equal_weights, fit_ensemble
+
+KEYS = ["symbol", "ts"]
+
+
+def prediction_columns(targets: TargetSpec) -> list[str]:
+    return [c for t in ALL_TARGETS for c in targets.prediction_columns(t)]
+
+
+def to_long(
+    pred: pl.DataFrame,
+    forecaster: str,
+    seed: int | None,
+    fold: str,
+    scored: pl.DataFrame,
+    targets: TargetSpec,
+) -> pl.DataFrame:
+    """One forecaster's wide predictions of a fold's `scored` rows (symbol, ts, split) in the
+    long layout."""
+    cols = prediction_columns(targets)
+    if pred.height != scored.height:
+        raise ValueError(
+            f"{forecaster} predicted {pred.height} rows of fold {fold}; "
+            f"it must predict the {scored.height} scored rows"
+        )
+    return (
+        scored.select([*KEYS, "split"])
+        .join(pred, on=KEYS, how="left", maintain_order="left")
+        .select(
+            pl.lit(fold).alias("fold"),
+            pl.lit(forecaster).alias("forecaster"),
+            pl.lit(seed, dtype=pl.Int64).alias("seed"),
+            *KEYS,
+            "split",
+            *[
+                (pl.col(c) if c in pred.columns else pl.lit(None)).cast(pl.Float64).alias(c)
+                for c in cols
+            ],
+        )
+    )
+
+
+def fit_registered(
+    data: FoldData,
+    names: Sequence[str] | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> tuple[pl.DataFrame, dict[str, dict]]:
+    """Fit every registered (non-sequence) forecaster on the fold and predict its scored rows.
+
+    Returns the long predictions and, per forecaster, its fit seconds (and what it exposes in
+    `fit_info()`, if anything)."""
+    names = list(names or REGISTRY)
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise ValueError(f"Unknown forecasters {unknown}; registered: {sorted(REGISTRY)}")
+    parts, info = [], {}
+    for i, name in enumerate(names, 1):
+        started = time.perf_counter()
+        f = REGISTRY[name]().fit(data)
+        parts.append(to_long(f.predict(data), name, None, data.key, data.scored, data.targets))
+        seconds = time.perf_counter() - started
+        info[name] = {"seconds": round(seconds, 2), **getattr(f, "fit_info", lambda: {})()}
+        log(f"fold {data.key}: [{i}/{len(names)}] {name} fitted and predicted in {seconds:.1f} s")
+    return pl.concat(parts), info
+
+
+def seed_means(long: pl.DataFrame) -> pl.DataFrame:
+    """For every forecaster with seeds, the mean prediction over its seeds (seed null)."""
+    seeded = long.filter(pl.col("seed").is_not_null())
+    if seeded.is_empty():
+        return long.clear()
+    value_cols = [
+        c for c in long.columns if c not in ("fold", "forecaster", "seed", *KEYS, "split")
+    ]
+    # sigma is averaged as a variance (the mixture's variance), everything else as is
+    return (
+        seeded.group_by(["fold", "forecaster", *KEYS, "split"], maintain_order=True)
+        .agg(
+            [
+                (pl.col(c) ** 2).mean().sqrt() if c == "sigma" else pl.col(c).mean()
+                for c in value_cols
+            ]
+        )
+        .with_columns(pl.lit(None, dtype=pl.Int64).alias("seed"))
+        .select(long.columns)
+    )
+
+
+def with_ensembles(
+    long: pl.DataFrame, labels: pl.DataFrame, targets: TargetSpec
+) -> tuple[pl.DataFrame, dict]:
+    """Add `ensemble` (weights fitted on this fold's validation rows only) and
+    `ensemble_equal` (the simple average) over every single-prediction forecaster.
+
+    `long` must already hold the seed means; `labels` gives the label columns per (symbol, ts)."""
+    members = long.filter(pl.col("seed").is_null())
+    names = members["forecaster"].unique(maintain_order=True).to_list()
+    fold = members["fold"][0]
+    wide = {
+        n: members.filter(pl.col("forecaster") == n).drop(["fold", "forecaster", "seed"])
+        for n in names
+    }
+    for n, frame in wide.items():
+        wide[n] = frame.select([c for c in frame.columns if not frame[c].is_null().all()])
+    val = {n: f.filter(pl.col("split") == "val").drop("split") for n, f in wide.items()}
+    val_labels = labels.join(val[names[0]].select(KEYS), on=KEYS, how="inner")
+    fitted = fit_ensemble(val, val_labels, targets)
+    equal = equal_weights({n: f.drop("split") for n, f in wide.items()}, targets)
+    split = members.filter(pl.col("forecaster") == names[0]).select([*KEYS, "split"])
+    out = [long]
+    for name, weights in (("ensemble", fitted), ("ensemble_equal", equal)):
+        combined = combine({n: f.drop("split") for n, f in wide.items()}, weights)
+        frame = split.join(combined, on=KEYS, how="left", maintain_order="left")
+        out.append(to_long(frame.drop("split"), name, None, fold, split, targets))
+    return pl.concat(out, how="vertical_relaxed"), {
+        "ensemble": fitted.to_json(),
+        "ensemble_equal": equal.to_json(),
+    }
+
+
+def backtest_frame(
+    long: pl.DataFrame, prices: pl.DataFrame, forecasters: Sequence[str]
+) -> pl.DataFrame:
+    """The backtest engine's input: every bar of each symbol from its first to its last
+    predicted row, with open, close, the trailing `log_ret_*` columns `prices` has (momentum)
+    and `<forecaster>_p_down`, `_p_up`, `_sigma` for each forecaster (seed means). A bar without
+    a forecaster's prediction (a gap between folds that were not materialized) has nulls there,
+    which the engine trades as flat, so a gap is never bridged by one interval."""
+    single = long.filter(pl.col("seed").is_null())
+    span = single.group_by("symbol").agg(first=pl.col("ts").min(), last=pl.col("ts").max())
+    trailing = [c for c in prices.columns if c.startswith("log_ret_")]
+    frame = (
+        prices.select([*KEYS, "open", "close", *trailing])
+        .join(span, on="symbol", how="inner")
+        .filter(pl.col("ts").is_between(pl.col("first"), pl.col("last")))
+        .drop(["first", "last"])
+    )
+    for name in forecasters:
+        part = single.filter(pl.col("forecaster") == name).select(
+            *KEYS,
+            pl.col("p_down").alias(f"{name}_p_down"),
+            pl.col("p_up").alias(f"{name}_p_up"),
+            pl.col("sigma").alias(f"{name}_sigma"),
+        )
+        frame = frame.join(part, on=KEYS, how="left")
+    return frame.sort(KEYS)

@@ -1,0 +1,192 @@
+"""Train the sequence models (Mamba2 and the LSTM, GRU, Transformer, CNN-LSTM baselines) of
+some walk-forward folds in their own process, launched by the `mamba_model` and
+`sequence_baselines` assets through Dagster Pipes (so the same command can run on a GPU host),
+or by hand:
+
+    python -m pipelines.train_sequences --data-dir data --folds 2023 2024 --models mamba2 --seeds 0 1 2
+
+For each (fold, model) it trains every seed through the TBPTT trainer, predicts the fold's
+validation and test rows and writes one immutable artifact `<model>/<fold>/<version>/` with the
+predictions of every seed, the weights, config and training history. Under Pipes it reports the
+materialization (versions, validation losses, parameter counts) back to Dagster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+
+from ml.forecasters import FoldData, TargetSpec, fold_data
+from ml.forecasters.neural import SEQUENCE_MODELS, SequenceForecaster, SequenceSettings
+from ml.labels import LabelConfig
+from ml.walkforward import Fold
+from ml.walkforward_run import to_long
+from warehouse import ArtifactStore, DataPaths, Lake
+from warehouse.artifacts import content_version
+
+
+def train_sequence_models(
+    data_dir: str,
+    folds: Sequence[str],
+    models: Sequence[str],
+    seeds: Sequence[int],
+    settings: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train (or reuse) one artifact per (fold, model); return a summary per artifact."""
+    s = SequenceSettings(**(settings or {}))
+    unknown = [m for m in models if m not in SEQUENCE_MODELS]
+    if unknown or not seeds:
+        raise ValueError(
+            f"models {unknown} unknown (use {list(SEQUENCE_MODELS)}) or no seeds given"
+        )
+    paths = DataPaths.at(data_dir)
+    lake, store = Lake(paths.lake), ArtifactStore(paths.artifacts)
+    meta = lake.read_meta("training_dataset")
+    known = {f["key"]: Fold.from_json(f) for f in meta["folds"]}
+    missing = [k for k in folds if k not in known]
+    if missing:
+        raise ValueError(
+            f"Folds {missing} are not supported by the training dataset; it has {list(known)}"
+        )
+    rows = lake.read("training_dataset")
+    targets = TargetSpec.from_label_config(LabelConfig.from_dict(meta["label_config"]))
+    device = s.torch_device()
+    summary: list[dict[str, Any]] = []
+    total, done = len(folds) * len(models), 0
+    for key in folds:
+        fold = known[key]
+        data = fold_data(rows, rows, fold, meta["feature_columns"], targets)
+        for kind in models:
+            done += 1
+            version = content_version(
+                kind, s.to_json(), str(device), sorted(seeds), meta["version"], fold.to_json()
+            )
+            # the writer adds the training summary to this dict before the manifest is written
+            metadata: dict[str, Any] = {
+                "data_version": meta["version"],
+                "fold": fold.to_json(),
+                "seeds": list(seeds),
+                "device": str(device),
+            }
+            art = store.write(
+                kind,
+                key,
+                version,
+                partial(_train, kind=kind, data=data, seeds=seeds, s=s, log=log, out=metadata),
+                metadata,
+            )
+            if not art.created:
+                log(f"fold {key} {kind}: {version} already exists; reused, not retrained")
+            md = art.manifest["metadata"]
+            summary.append(
+                {
+                    "fold": key,
+                    "model": kind,
+                    "version": version,
+                    "reused": not art.created,
+                    "parameters": md.get("parameters"),
+                    "val_loss_mean": round(sum(md["val_loss"]) / len(md["val_loss"]), 4)
+                    if md.get("val_loss")
+                    else None,
+                    "train_seconds": md.get("train_seconds"),
+                }
+            )
+            log(f"[{done}/{total}] fold {key} {kind} done")
+    return {"artifacts": summary, "device": str(device), "seeds": list(seeds)}
+
+
+def _train(
+    folder: Path,
+    kind: str,
+    data: FoldData,
+    seeds: Sequence[int],
+    s: SequenceSettings,
+    log: Callable[[str], None],
+    out: dict[str, Any],
+) -> None:
+    """Train every seed of one model on one fold and write the artifact's files to `folder`."""
+    parts, history = [], {}
+    started = time.perf_counter()
+    for seed in seeds:
+        f = SequenceForecaster(kind, seed, s).fit(data)
+        parts.append(to_long(f.predict(data), kind, seed, data.key, data.scored, data.targets))
+        torch.save(f.state_dict(), folder / f"weights_seed{seed}.pt")
+        history[str(seed)] = {"summary": f.summary, "epochs": f.history}
+        log(
+            f"fold {data.key} {kind} seed {seed}: best validation loss "
+            f"{f.summary['best_val_loss']:.4f} after {f.summary['steps']} steps"
+        )
+    pl.concat(parts).write_parquet(folder / "predictions.parquet")
+    (folder / "history.json").write_text(json.dumps(history, indent=2, default=str))
+    (folder / "scaler.json").write_text(f.scaler.to_json())
+    config = {
+        "model": kind,
+        "settings": s.to_json(),
+        "backbone": asdict(f.config(data)),
+        "train": asdict(f.train_config()),
+        "feature_columns": data.feature_columns,
+        "seeds": list(seeds),
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    out.update(
+        parameters=f.summary["parameters"],
+        val_loss=[history[str(x)]["summary"]["best_val_loss"] for x in seeds],
+        train_seconds=round(time.perf_counter() - started, 1),
+    )
+
+
+def main() -> None:
+    """Under Dagster Pipes when launched by an asset; plain CLI otherwise."""
+    import os
+
+    from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
+
+    if DAGSTER_PIPES_CONTEXT_ENV_VAR in os.environ:
+        with open_dagster_pipes() as pipes:
+            extras = dict(pipes.extras)
+            md = train_sequence_models(
+                extras.pop("data_dir"),
+                extras.pop("folds"),
+                extras.pop("models"),
+                extras.pop("seeds"),
+                extras,
+                log=pipes.log.info,
+            )
+            versions = {f"{a['fold']}/{a['model']}": a["version"] for a in md["artifacts"]}
+            pipes.report_asset_materialization(
+                metadata={
+                    "artifacts": {"raw_value": md["artifacts"], "type": "json"},
+                    "device": md["device"],
+                    "seeds": {"raw_value": md["seeds"], "type": "json"},
+                },
+                data_version=content_version("sequence_artifacts", versions),
+            )
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", default="data")
+    ap.add_argument("--folds", nargs="+", required=True)
+    ap.add_argument("--models", nargs="+", default=["mamba2"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    for key, value in asdict(SequenceSettings()).items():
+        ap.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+    args = vars(ap.parse_args())
+    logging.basicConfig(level=logging.INFO)
+    out = train_sequence_models(
+        args.pop("data_dir"), args.pop("folds"), args.pop("models"), args.pop("seeds"), args
+    )
+    print(json.dumps(out, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
