@@ -193,6 +193,7 @@ class SequenceModelSettings(dg.Config):
     patience: int = 3
     seeds: list[int] = [0, 1, 2]
     device: str = "auto"  # auto: CUDA when the training process sees a GPU
+    threads: int = 1  # CPU threads per training process (Mamba2 and the baselines run side by side)
 
 
 def _run_sequences(

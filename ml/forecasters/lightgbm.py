@@ -42,7 +42,10 @@ LIGHTGBM_FORECASTER_CODE_VERSION = "1"
 MIN_TRAIN_ROWS, MIN_VAL_ROWS = 100, 20
 # ~10 folds are fitted in one 30-minute evaluation on 2 cores: a faster schedule than
 # DirectionGBM's default keeps each fold's eight boosters within a few seconds
-FAST_TREES = GBMConfig(learning_rate=0.05, max_rounds=300, early_stopping_rounds=30)
+# one thread: the model step runs beside the two sequence-training processes, and LightGBM's
+# OpenMP threads spin-wait on busy cores (measured on 2 cores: 70 s per fold with 2 threads
+# beside them, about 1 s alone)
+FAST_TREES = GBMConfig(learning_rate=0.05, max_rounds=300, early_stopping_rounds=30, num_threads=1)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,9 @@ class SequenceSettings:
     lr: float = 2e-3
     patience: int = 3
     device: str = "auto"  # auto: CUDA when present
+    # CPU threads of the training process; 1 by default because the Mamba2 and baseline steps
+    # train side by side (two processes on 2 cores; more threads each only spin)
+    threads: int = 1
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -128,6 +131,7 @@ class SequenceForecaster(Forecaster):
         return SEQUENCE_MODELS[self.kind](self.config(data)).to(self.settings.torch_device())
 
     def fit(self, data: FoldData) -> SequenceForecaster:
+        torch.set_num_threads(self.settings.threads)
         device = self.settings.torch_device()
         lanes = self._lanes(data)
         cfg = self.config(data)
