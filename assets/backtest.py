@@ -7,11 +7,11 @@ import dagster as dg
 import polars as pl
 
 from assets.metadata import png_md, table_md
+from assets.partitions import SINGLE_RUN, fold_partitions
+from assets.resources import WarehouseResource
 from assets.training import _fold, predictions
 from ml.backtest import BacktestConfig, parameter_grid, plot_equity, run_backtest, run_grid
 from ml.walkforward_run import backtest_frame
-from pipelines.partitions import SINGLE_RUN, fold_partitions
-from pipelines.resources import WarehouseResource
 from warehouse.artifacts import content_version, frame_fingerprint
 
 # the direction forecasters that are traded (constant-probability baselines are not: they would

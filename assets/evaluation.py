@@ -6,13 +6,13 @@ import polars as pl
 
 from assets.backtest import TRADED, BacktestSettings, backtest, backtest_grid
 from assets.metadata import png_md, table_md
+from assets.partitions import SINGLE_RUN
+from assets.resources import WarehouseResource
 from assets.training import KEEP_VERSIONS, _targets, predictions
 from ml.backtest import run_backtest, run_grid
 from ml.evaluation import MODELS, evaluate, metric_table
 from ml.report import build_figures, write_report
 from ml.walkforward_run import backtest_frame
-from pipelines.partitions import SINGLE_RUN
-from pipelines.resources import WarehouseResource
 from warehouse.artifacts import content_version
 
 PARTITION = "walk_forward"  # the artifact partition of the evaluation over all folds

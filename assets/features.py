@@ -16,6 +16,8 @@ import polars as pl
 
 from assets.ingest import macro_series, ohlcv_bars, onchain_metrics
 from assets.metadata import frame_summary, table_md
+from assets.partitions import SINGLE_RUN
+from assets.resources import WarehouseResource
 from ml.features import (
     FeatureConfig,
     compute_features,
@@ -24,8 +26,6 @@ from ml.features import (
     select_model_columns,
 )
 from ml.labels import DIRECTION_CLASSES, LabelConfig, compute_labels, label_columns
-from pipelines.partitions import SINGLE_RUN
-from pipelines.resources import WarehouseResource
 
 
 class LabelsConfig(dg.Config):

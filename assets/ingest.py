@@ -7,8 +7,8 @@ entities and inserts the fetched rows in one transaction: re-runs never duplicat
 import dagster as dg
 
 from assets.metadata import table_md
-from pipelines.partitions import SINGLE_RUN, daily_partitions
-from pipelines.resources import MarketSourcesResource, WarehouseResource
+from assets.partitions import SINGLE_RUN, daily_partitions
+from assets.resources import MarketSourcesResource, WarehouseResource
 
 
 def ingest_window(

@@ -13,6 +13,7 @@ import polars as pl
 import ml.features as ml_features
 from assets.features import features, labels
 from assets.metadata import check_result
+from assets.resources import WarehouseResource
 from assets.training import training_dataset
 from ml.dataset import TRAIN
 from ml.labels import LabelConfig, label_columns
@@ -27,7 +28,6 @@ from ml.leakage import (
     standardizer_close,
 )
 from ml.walkforward import Fold, assign_fold
-from pipelines.resources import WarehouseResource
 
 Rules = Callable[[WarehouseResource], list[LeakageReport]]
 

@@ -15,8 +15,8 @@ import polars as pl
 from assets.features import features
 from assets.ingest import INGEST_ASSETS, TABLE_OF
 from assets.metadata import check_result
+from assets.resources import WarehouseResource
 from ml.features import FeatureConfig, onchain_feature_columns
-from pipelines.resources import WarehouseResource
 from warehouse.quality import (
     QualityReport,
     RuleConfig,

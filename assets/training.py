@@ -14,14 +14,14 @@ import polars as pl
 
 from assets.features import features, labels
 from assets.metadata import frame_summary, table_md
+from assets.partitions import FOLD_MONTHS, SINGLE_RUN, fold_partitions
+from assets.resources import WarehouseResource
 from ml.forecasters import REGISTRY, TargetSpec, fold_data
 from ml.forecasters.base import FORECASTERS_CODE_VERSION
 from ml.forecasters.neural import SEQUENCE_MODELS
 from ml.labels import LabelConfig
 from ml.walkforward import Fold, WalkForwardConfig, assign_fold, walk_forward_folds
 from ml.walkforward_run import fit_registered, seed_means, with_ensembles
-from pipelines.partitions import FOLD_MONTHS, SINGLE_RUN, fold_partitions
-from pipelines.resources import WarehouseResource
 from warehouse.artifacts import content_version, frame_fingerprint
 
 # lake versions kept of the tables whose version changes with the data (dataset, predictions)

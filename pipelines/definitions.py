@@ -12,7 +12,9 @@ from assets.evaluation import evaluation
 from assets.features import features, labels
 from assets.ingest import INGEST_ASSETS
 from assets.leakage import LEAKAGE_CHECKS
+from assets.partitions import fold_partitions
 from assets.quality import QUALITY_CHECKS
+from assets.resources import MarketSourcesResource, WarehouseResource
 from assets.training import (
     mamba_model,
     model,
@@ -20,8 +22,6 @@ from assets.training import (
     sequence_baselines,
     training_dataset,
 )
-from pipelines.partitions import fold_partitions
-from pipelines.resources import MarketSourcesResource, WarehouseResource
 from warehouse.paths import DEFAULT_DATA_DIR
 
 ALL_ASSETS = [

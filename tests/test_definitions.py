@@ -2,8 +2,8 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
+from assets.partitions import fold_partitions
 from pipelines.definitions import daily_refresh_schedule, defs, weekly_retrain_schedule
-from pipelines.partitions import fold_partitions
 
 EXPECTED_GRAPH = {
     "ohlcv_bars": [],

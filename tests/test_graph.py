@@ -12,6 +12,7 @@ import torch
 
 from assets.leakage import LEAKAGE_CHECKS
 from assets.quality import QUALITY_CHECKS
+from assets.resources import MarketSourcesResource
 from ml.dataset import TEST, TRAIN, VAL, Standardizer
 from ml.features import FeatureConfig
 from ml.forecasters import TargetSpec, fold_data
@@ -20,7 +21,6 @@ from ml.labels import LabelConfig
 from ml.walkforward import Fold, assign_fold
 from pipelines.definitions import ALL_ASSETS, default_resources
 from pipelines.report import report
-from pipelines.resources import MarketSourcesResource
 from warehouse import ArtifactStore, DataPaths, Lake, Warehouse
 from warehouse.sources.base import SourceFetchError, register
 from warehouse.sources.synthetic import SyntheticOHLCV

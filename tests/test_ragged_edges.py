@@ -12,6 +12,7 @@ from assets.features import features
 from assets.ingest import macro_series
 from assets.leakage import features_truncation_invariance
 from assets.quality import QUALITY_CHECKS, features_quality
+from assets.resources import MarketSourcesResource, WarehouseResource
 from ml.features import (
     FeatureConfig,
     compute_features,
@@ -22,7 +23,6 @@ from ml.features import (
     select_model_columns,
 )
 from ml.leakage import check_truncation_invariance
-from pipelines.resources import MarketSourcesResource, WarehouseResource
 from tests.conftest import SHARED_DATA
 from warehouse import DataPaths, Lake, Warehouse
 from warehouse.quality import (
