@@ -13,7 +13,7 @@ from ml.backtest import run_backtest, run_grid
 from ml.evaluation import MODELS, evaluate, metric_table
 from ml.report import build_figures, write_report
 from ml.walkforward_run import backtest_frame
-from warehouse.artifacts import content_version
+from warehouse.artifacts import ArtifactError, content_version
 
 PARTITION = "walk_forward"  # the artifact partition of the evaluation over all folds
 
@@ -33,7 +33,7 @@ def stitched_predictions(warehouse: WarehouseResource, log) -> tuple[pl.DataFram
     for fold in meta["folds"]:
         try:
             art = store.latest("predictions", fold["key"])
-        except Exception:
+        except ArtifactError:
             missing.append(fold["key"])
             continue
         if art.manifest["metadata"]["data_version"] != meta["version"]:

@@ -22,7 +22,7 @@ from ml.forecasters.neural import SEQUENCE_MODELS
 from ml.labels import LabelConfig
 from ml.walkforward import Fold, WalkForwardConfig, assign_fold, walk_forward_folds
 from ml.walkforward_run import fit_registered, seed_means, with_ensembles
-from warehouse.artifacts import content_version, frame_fingerprint
+from warehouse.artifacts import ArtifactError, content_version, frame_fingerprint
 
 # lake versions kept of the tables whose version changes with the data (dataset, predictions)
 KEEP_VERSIONS = 5
@@ -264,6 +264,23 @@ def sequence_baselines(
     return _run_sequences(context, config, warehouse, pipes_subprocess_client, SEQUENCE_BASELINES)
 
 
+def _past_predictions(store, meta: dict, fold: Fold) -> list:
+    """The predictions artifacts of the folds before `fold` made from the current dataset:
+    their test rows are out of sample for every forecaster, so the ensemble weights of `fold`
+    are fitted on them."""
+    arts = []
+    for f in meta["folds"]:
+        if f["key"] >= fold.key:
+            break
+        try:
+            art = store.latest("predictions", f["key"])
+        except ArtifactError:
+            continue
+        if art.manifest["metadata"]["data_version"] == meta["version"]:
+            arts.append(art)
+    return arts
+
+
 def _fold_artifacts(store, key: str, meta: dict) -> list:
     """The latest artifact of every model asset for fold `key`, each trained on the current
     dataset; a clear failure names the asset to materialize otherwise."""
@@ -273,7 +290,7 @@ def _fold_artifacts(store, key: str, meta: dict) -> list:
     for kind, asset in wanted.items():
         try:
             art = store.latest(kind, key)
-        except Exception as e:
+        except ArtifactError as e:
             raise dg.Failure(
                 f"Fold {key}: no {kind} artifact. Materialize `{asset}` for it."
             ) from e
@@ -296,7 +313,9 @@ def _fold_artifacts(store, key: str, meta: dict) -> list:
     code_version="3",
     description="Per walk-forward fold: every forecaster's predictions of the fold's "
     "validation and test rows in one table, neural models as each seed and their mean, plus "
-    "the ensemble (weights fitted on validation rows only) and the simple average.",
+    "the ensemble (weights fitted on the earlier folds' out-of-sample rows whose labels end "
+    "before this fold's validation end; the first fold's is the simple average) and the simple "
+    "average.",
 )
 def predictions(
     context: dg.AssetExecutionContext, warehouse: WarehouseResource
@@ -304,26 +323,45 @@ def predictions(
     lake, store = warehouse.lake(), warehouse.artifacts()
     meta = lake.read_meta("training_dataset")
     targets = _targets(meta)
-    labels = lake.read("training_dataset").select(["symbol", "ts", *targets.label_columns()])
+    rows = lake.read("training_dataset")
+    labels = rows.select(["symbol", "ts", *targets.label_columns()])
+    ends = rows.select(["symbol", "ts", "label_end_ts"])
     summary = []
-    for key in context.partition_keys:
+    for key in sorted(context.partition_keys):  # earlier folds first: they weight later ones
         fold = _fold(meta, key)
         arts = _fold_artifacts(store, key, meta)
+        past = _past_predictions(store, meta, fold)
         version = content_version(
-            "predictions", [a.version for a in arts], FORECASTERS_CODE_VERSION
+            "predictions",
+            [a.version for a in arts],
+            [a.version for a in past],
+            FORECASTERS_CODE_VERSION,
         )
         info: dict = {}
 
-        def write(folder, arts=arts, info=info):
+        def write(folder, arts=arts, past=past, fold=fold, info=info):
             long = pl.concat(
                 [pl.read_parquet(a.file("predictions.parquet")) for a in arts],
                 how="vertical_relaxed",
             )
             long = pl.concat([long, seed_means(long)])
-            long, weights = with_ensembles(long, labels, targets)
+            history = (
+                pl.concat([pl.read_parquet(a.file("predictions.parquet")) for a in past])
+                .filter(pl.col("split") == "test")
+                .join(ends, on=["symbol", "ts"], how="inner")
+                .filter(pl.col("label_end_ts") < fold.val_end)
+                .drop("label_end_ts")
+                if past
+                else None
+            )
+            long, weights = with_ensembles(long, history, labels, targets)
             long.write_parquet(folder / "predictions.parquet")
             (folder / "ensemble_weights.json").write_text(json.dumps(weights, indent=2))
-            info.update(rows=long.height, forecasters=long["forecaster"].n_unique())
+            info.update(
+                rows=long.height,
+                forecasters=long["forecaster"].n_unique(),
+                ensemble_fitted_on=weights["ensemble_fitted_on_rows"],
+            )
 
         art = store.write(
             "predictions",

@@ -103,34 +103,56 @@ def seed_means(long: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+ENSEMBLES = ("ensemble", "ensemble_equal")
+
+
+def _members(long: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    """Per single-prediction forecaster (seed means included, ensembles not): its wide rows
+    (symbol, ts, split and the prediction columns it covers)."""
+    members = long.filter(pl.col("seed").is_null() & ~pl.col("forecaster").is_in(ENSEMBLES))
+    wide = {}
+    for (name,), frame in members.group_by("forecaster", maintain_order=True):
+        frame = frame.drop(["fold", "forecaster", "seed"])
+        wide[name] = frame.select([c for c in frame.columns if not frame[c].is_null().all()])
+    return wide
+
+
 def with_ensembles(
-    long: pl.DataFrame, labels: pl.DataFrame, targets: TargetSpec
+    long: pl.DataFrame,
+    past: pl.DataFrame | None,
+    labels: pl.DataFrame,
+    targets: TargetSpec,
 ) -> tuple[pl.DataFrame, dict]:
-    """Add `ensemble` (weights fitted on this fold's validation rows only) and
-    `ensemble_equal` (the simple average) over every single-prediction forecaster.
+    """Add `ensemble` and `ensemble_equal` (the simple average) over every single-prediction
+    forecaster of one fold.
+
+    The ensemble's weights are fitted on `past`: the out-of-sample test predictions of the
+    earlier folds (long layout) whose label windows end before this fold's validation end, so
+    every member's prediction there is one its model never fitted, early-stopped or
+    calibrated on. (This fold's own validation rows would not do: LightGBM and the neural
+    models early-stop on them, which makes them look better there than out of sample, and the
+    weights would favour them.) The first fold has no past: its ensemble is the simple average.
 
     `long` must already hold the seed means; `labels` gives the label columns per (symbol, ts)."""
-    members = long.filter(pl.col("seed").is_null())
-    names = members["forecaster"].unique(maintain_order=True).to_list()
-    fold = members["fold"][0]
-    wide = {
-        n: members.filter(pl.col("forecaster") == n).drop(["fold", "forecaster", "seed"])
-        for n in names
-    }
-    for n, frame in wide.items():
-        wide[n] = frame.select([c for c in frame.columns if not frame[c].is_null().all()])
-    val = {n: f.filter(pl.col("split") == "val").drop("split") for n, f in wide.items()}
-    val_labels = labels.join(val[names[0]].select(KEYS), on=KEYS, how="inner")
-    fitted = fit_ensemble(val, val_labels, targets)
-    equal = equal_weights({n: f.drop("split") for n, f in wide.items()}, targets)
-    split = members.filter(pl.col("forecaster") == names[0]).select([*KEYS, "split"])
+    wide = _members(long)
+    names = list(wide)
+    fold = long["fold"][0]
+    scored = {n: f.drop("split") for n, f in wide.items()}
+    equal = equal_weights(scored, targets)
+    fitted, fitted_on = equal, 0
+    if past is not None and not past.is_empty():
+        history = {n: f.drop("split") for n, f in _members(past).items() if n in wide}
+        past_labels = labels.join(past.select(KEYS).unique(), on=KEYS, how="inner")
+        if set(history) == set(names) and past_labels.height:
+            fitted, fitted_on = fit_ensemble(history, past_labels, targets), past_labels.height
+    split = wide[names[0]].select([*KEYS, "split"])
     out = [long]
     for name, weights in (("ensemble", fitted), ("ensemble_equal", equal)):
-        combined = combine({n: f.drop("split") for n, f in wide.items()}, weights)
-        frame = split.join(combined, on=KEYS, how="left", maintain_order="left")
+        frame = split.join(combine(scored, weights), on=KEYS, how="left", maintain_order="left")
         out.append(to_long(frame.drop("split"), name, None, fold, split, targets))
     return pl.concat(out, how="vertical_relaxed"), {
         "ensemble": fitted.to_json(),
+        "ensemble_fitted_on_rows": fitted_on,
         "ensemble_equal": equal.to_json(),
     }
 

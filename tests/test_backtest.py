@@ -2,10 +2,7 @@
 deflated Sharpe ratio, the vectorized grid against single sets, plots and the benchmark."""
 
 import io
-import json
 import math
-import subprocess
-import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -413,34 +410,3 @@ def test_plot_shows_equity_and_drawdown_panels_per_symbol():
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     assert buf.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_backtest_benchmark_small_run(tmp_path):
-    out = tmp_path / "backtest.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "backtest.py"),
-            "--bars",
-            "400",
-            "--param-sets",
-            "150",
-            "--repeat",
-            "1",
-            "--loop-sample",
-            "3",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    last = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert last == json.loads(out.read_text())
-    assert (last["bars"], last["param_sets"]) == (400, 150)
-    assert last["seconds"] > 0 and last["backtests_per_s"] > 0
-    assert last["cores"] >= 1 and isinstance(last["target_met"], bool)
-    assert last["max_abs_diff_grid_vs_alone"] < 1e-12
-    assert 0 <= last["best_deflated_sharpe"] <= 1
