@@ -583,6 +583,7 @@ def run_grid(
                 (pl.col("fee_bps") == default_row["fee_bps"])
                 & (pl.col("slippage_bps") == default_row["slippage_bps"])
             )["sharpe"][0]
+        symbol_frames = []
         for name in forecasters:
             _, perf = evaluate(
                 open_,
@@ -598,7 +599,17 @@ def run_grid(
                 **{k: pl.Series(v) for k, v in perf.items()},
             )
             metric_frames.append(m)
-            summary.append(_summarize(m, params, default_row, ppy, base_perf))
+            symbol_frames.append(m)
+        # every (forecaster, parameter set) of the symbol is a trial a user could have picked,
+        # so the best one is deflated by all of them, not by its own forecaster's sets only
+        pool = _same_cost(pl.concat(symbol_frames), params, default_row)
+        pooled = (
+            pool.height,
+            float(pool["sharpe_per_bar"].var(ddof=1)) if pool.height > 1 else 0.0,
+        )
+        summary.extend(
+            _summarize(m, params, default_row, ppy, base_perf, pooled) for m in symbol_frames
+        )
     keys = ("symbol", "strategy", "param_id", "is_default")
     metrics = pl.concat(metric_frames).select(*keys, pl.exclude(keys))
     baselines = pl.concat(baseline_frames).select(
@@ -607,18 +618,31 @@ def run_grid(
     return GridResult(params, metrics, baselines, pl.DataFrame(summary))
 
 
-def _summarize(
-    m: pl.DataFrame, params: pl.DataFrame, default_row: dict, ppy: int, base: dict
-) -> dict:
+def _same_cost(m: pl.DataFrame, params: pl.DataFrame, default_row: dict) -> pl.DataFrame:
+    """The rows of `m` whose parameter set has the default's costs (the cost level is not a
+    choice a strategy can make)."""
     same_cost = params.filter(
         (pl.col("fee_bps") == default_row["fee_bps"])
         & (pl.col("slippage_bps") == default_row["slippage_bps"])
     )["param_id"]
-    trials = m.filter(pl.col("param_id").is_in(same_cost.implode()))
+    return m.filter(pl.col("param_id").is_in(same_cost.implode()))
+
+
+def _summarize(
+    m: pl.DataFrame,
+    params: pl.DataFrame,
+    default_row: dict,
+    ppy: int,
+    base: dict,
+    pooled: tuple[int, float],
+) -> dict:
+    """The summary row of one (symbol, forecaster): the default set's metrics, and the best
+    set's Sharpe deflated by `pooled` = (number of trials, variance of their per-bar Sharpe
+    ratios) over every forecaster's sets of the symbol."""
+    trials = _same_cost(m, params, default_row)
     best = trials.sort(["sharpe", "param_id"], descending=[True, False]).row(0, named=True)
     default = m.filter("is_default").row(0, named=True)
-    n_trials = trials.height
-    variance = float(trials["sharpe_per_bar"].var(ddof=1)) if n_trials > 1 else 0.0
+    n_trials, variance = pooled
     best_params = params.filter(pl.col("param_id") == best["param_id"]).row(0, named=True)
     return {
         "symbol": default["symbol"],

@@ -508,8 +508,11 @@ def _head(columns: Sequence[str]) -> str:
 
 
 def _significance(row: Mapping, alpha: float) -> tuple[bool, bool]:
-    """(the interval excludes 0, the DM p-value is below alpha); missing values say no."""
-    lo, hi, p = row.get("ci_low"), row.get("ci_high"), row.get("dm_p_value")
+    """(the interval excludes 0, the DM p-value is below alpha); missing values say no. The
+    p-value is the Holm-adjusted one where the row has it (each model's family of comparisons
+    on a target is one family)."""
+    lo, hi = row.get("ci_low"), row.get("ci_high")
+    p = row.get("dm_p_holm", row.get("dm_p_value"))
     interval = lo is not None and hi is not None and (hi < 0 or lo > 0)
     return interval, p is not None and p < alpha
 
@@ -599,6 +602,7 @@ def _comparisons_table(rows: list[dict], level: str) -> str:
         f"{level} block-bootstrap interval",
         "DM statistic",
         "DM p-value",
+        "Holm p-value",
         "HAC lags",
         "verdict",
     ]
@@ -613,6 +617,7 @@ def _comparisons_table(rows: list[dict], level: str) -> str:
             _cell(_e(interval)),
             _cell(_e(_num(c.get("dm_stat")))),
             _cell(_e(_pvalue(c.get("dm_p_value")))),
+            _cell(_e(_pvalue(c.get("dm_p_holm")))),
             _cell(_e(_num(c.get("dm_lags")))),
             _cell(_e(verdict) + _disagreement(c), _VERDICT_CLASS[verdict]),
         ]
@@ -723,16 +728,19 @@ def _summary(results: dict) -> str:
 _HOW_TO_READ = (
     "Every forecaster of a target is scored on exactly the same out-of-sample rows. "
     "<b>Lower loss is better</b> (log loss for the direction probabilities, the summed pinball "
-    "loss of the two quantiles, QLIKE for volatility, the absolute error for returns). "
+    "loss of the two quantiles, QLIKE for volatility, the squared error for returns). "
     f"{MCS_MARK} marks the <b>90% Model Confidence Set</b>: the forecasters not significantly "
     "worse than the best at the 10% level; its p-value is the largest level at which the "
     "forecaster stays in the set. In the comparisons a negative difference favours the model; "
-    "the interval is a moving-block bootstrap whose blocks are one horizon long and never "
-    "straddle two symbols, and the Diebold-Mariano test runs on the per-date mean loss "
-    "differential with HAC (Newey-West) lags of at least horizon \u2212 1, because "
-    "neighbouring rows share most of their label window. A difference is called "
-    f"<i>better</i> or <i>worse</i> only when both agree: the interval excludes 0 and the DM "
-    f"p-value is below {SIGNIFICANCE:g}. Neural models are scored as the mean of their seeds; "
+    "both tests run on the per-date mean loss differential (symbols on the same date move "
+    "together, so dates, not rows, are the independent units): the interval is a moving-block "
+    "bootstrap whose blocks span one label horizon of dates (so a block covers every symbol on "
+    "those dates and never joins one symbol's series to another's), and the Diebold-Mariano "
+    "test uses HAC (Newey-West) lags of 2 (horizon \u2212 1), because neighbouring rows share "
+    "most of their label window. A difference is called <i>better</i> or <i>worse</i> only "
+    "when both agree: the interval excludes 0 and the Holm-adjusted DM p-value (over each "
+    f"model's comparisons on the target) is below {SIGNIFICANCE:g}. Neural models are scored "
+    "as the mean of their seeds; "
     "the italic row under them gives each seed alone as mean \u00b1 std."
 )
 

@@ -397,6 +397,29 @@ def test_grid_summary_headlines_the_default_and_deflates_the_best_of_its_cost_le
     assert s["buy_and_hold_sharpe"] == bh["sharpe"][0]
 
 
+def test_the_best_set_is_deflated_by_every_forecasters_trials_of_the_symbol():
+    """A user can pick any forecaster's best set, so the trials are sets x forecasters."""
+    frame = _random_frame(400, seed=5)
+    rng = np.random.default_rng(6)
+    up = rng.uniform(0.1, 0.6, frame.height)
+    frame = frame.with_columns(
+        other_p_up=pl.Series(up), other_p_down=pl.Series(rng.uniform(0, 1 - up))
+    )
+    grid = parameter_grid(thresholds=(0.0, 0.1, 0.2), holding_periods=(1, 5))
+    cfg = BacktestConfig(threshold=0.1)  # in the grid: 6 sets per forecaster
+    result = run_grid(frame, grid, cfg, forecasters=("model", "other"))
+    pool = result.metrics
+    assert pool.height == 12
+    var = float(np.var(pool["sharpe_per_bar"].to_numpy(), ddof=1))
+    for s in result.summary.iter_rows(named=True):
+        assert s["n_trials"] == 12
+        best = pool.filter(pl.col("strategy") == s["strategy"]).sort("sharpe", descending=True)
+        b = best.row(0, named=True)
+        assert s["best_deflated_sharpe"] == pytest.approx(
+            deflated_sharpe_ratio(b["sharpe_per_bar"], var, 12, 398, b["skewness"], b["kurtosis"])
+        )
+
+
 def test_plot_shows_equity_and_drawdown_panels_per_symbol():
     frame = pl.concat([_random_frame(60, seed=4, symbol="A"), _random_frame(60, seed=5)])
     paths, _ = run_backtest(frame, BacktestConfig())
