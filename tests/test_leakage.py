@@ -14,7 +14,7 @@ from assets.ingest import INGEST_ASSETS
 from assets.leakage import LEAKAGE_CHECKS
 from assets.quality import QUALITY_CHECKS
 from assets.training import training_dataset
-from ml.dataset import TRAIN, SplitConfig, Standardizer, assign_splits, split_boundaries
+from ml.dataset import TRAIN, Standardizer
 from ml.features import FeatureConfig, compute_features, model_feature_columns
 from ml.labels import LabelConfig, compute_labels, label_columns
 from ml.leakage import (
@@ -24,6 +24,7 @@ from ml.leakage import (
     check_split_hygiene,
     check_truncation_invariance,
 )
+from ml.walkforward import WalkForwardConfig, assign_fold, fold_for_key
 from pipelines.definitions import default_resources
 
 COLS = model_feature_columns(FeatureConfig())
@@ -45,8 +46,9 @@ def dataset(raw):
     feats = compute_features(*raw)
     labs = compute_labels(raw[0])
     rows = feats.join(labs, on=["symbol", "ts"]).drop_nulls(["log_ret_90"]).sort(["symbol", "ts"])
-    bounds = split_boundaries(rows["ts"], SplitConfig())
-    return rows, bounds
+    # a short validation window: the raw data covers two years
+    fold = fold_for_key("2019", WalkForwardConfig(val_days=100), rows["ts"].min())
+    return rows, fold
 
 
 def _future_return(o, c, m, *cfg):
@@ -115,7 +117,7 @@ def test_misaligned_labels_fail():
 
 def test_a_purged_split_passes_split_hygiene(dataset):
     rows, b = dataset
-    report = check_split_hygiene(assign_splits(rows, b), b.val_start, b.test_start, b.embargo)
+    report = check_split_hygiene(assign_fold(rows, b), b.val_start, b.test_start, b.embargo)
     assert report.passed, report.summary()
 
 
@@ -138,7 +140,7 @@ def test_an_unpurged_split_fails_split_hygiene(dataset):
 
 def test_scaler_on_training_rows_passes_and_one_on_all_rows_fails(dataset):
     rows, b = dataset
-    data = assign_splits(rows, b)
+    data = assign_fold(rows, b)
     is_train = data["split"] == TRAIN
 
     def on_train(d):

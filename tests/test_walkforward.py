@@ -108,3 +108,26 @@ def test_a_key_of_the_wrong_shape_is_refused():
         fold_for_key("2021-04", WalkForwardConfig(), datetime(2015, 1, 1))
     with pytest.raises(ValueError, match="not a window start"):
         fold_for_key("2021-02", WalkForwardConfig(step_months=3), datetime(2015, 1, 1))
+
+
+def test_purge_on_real_labels_removes_every_symbols_last_label_horizon_before_each_boundary(
+    synthetic_ohlcv,
+):
+    from ml.labels import compute_labels
+
+    labels = compute_labels(synthetic_ohlcv)
+    fold = fold_for_key("2021", WalkForwardConfig(), labels["ts"].min())
+    kept = assign_fold(labels, fold)
+    window = labels.filter(pl.col("ts") < fold.test_end)
+    purged = window.join(kept.select(["symbol", "ts"]), on=["symbol", "ts"], how="anti")
+    for boundary in (fold.val_start, fold.test_start):
+        before = purged.filter(
+            (pl.col("ts") < boundary) & (pl.col("ts") >= boundary - timedelta(days=200))
+        )
+        # every symbol (daily BTC, business-day stocks) loses at least its 90 bars before it
+        for (_symbol,), g in before.group_by("symbol"):
+            assert g.height >= 90
+    assert (
+        kept.filter(pl.col("split") == TEST).height
+        == window.filter(pl.col("ts") >= fold.test_start).height
+    )

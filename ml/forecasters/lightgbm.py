@@ -3,7 +3,7 @@ booster), each trained on the fold's training rows that have its label and early
 fold's validation rows.
 
 Objectives, and why:
-- direction: multiclass log loss over (down, flat, up), as `ml.gbm.DirectionGBM`.
+- direction: multiclass log loss over (down, flat, up).
 - quantiles: the pinball ("quantile") objective at each level on the quantile label. Separate
   boosters can cross, so the predicted levels are sorted row-wise: q10 <= q90 always holds.
 - sigma: the gamma objective (log link) on the realized VARIANCE `fwd_vol_<W>`^2; the forecast is
@@ -41,7 +41,7 @@ from ml.gbm import GBMConfig
 LIGHTGBM_FORECASTER_CODE_VERSION = "1"
 MIN_TRAIN_ROWS, MIN_VAL_ROWS = 100, 20
 # ~10 folds are fitted in one 30-minute evaluation on 2 cores: a faster schedule than
-# DirectionGBM's default keeps each fold's eight boosters within a few seconds
+# GBMConfig's default keeps each fold's eight boosters within a few seconds;
 # one thread: the model step runs beside the two sequence-training processes, and LightGBM's
 # OpenMP threads spin-wait on busy cores (measured on 2 cores: 70 s per fold with 2 threads
 # beside them, about 1 s alone)
@@ -194,7 +194,7 @@ class LightGBMForecaster(Forecaster):
 
 def _tasks(spec: TargetSpec, train: pl.DataFrame, cfg: LightGBMForecastConfig) -> list[_Task]:
     trees = cfg.trees
-    # GBMConfig.params is DirectionGBM's multiclass parameter set; the tree settings in it are
+    # GBMConfig.params is the multiclass parameter set; the tree settings in it are
     # shared by every objective, the class count is not
     shared = {k: v for k, v in trees.params(len(DIRECTION_COLUMNS)).items() if k != "num_class"}
     tasks = [_Task(DIRECTION, DIRECTION, spec.direction, trees.params(len(DIRECTION_COLUMNS)))]
