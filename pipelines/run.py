@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from datetime import date, timedelta
 from pathlib import Path
@@ -28,6 +29,7 @@ import polars as pl
 from warehouse import ArtifactStore, DataPaths, Lake
 
 FOLD_ASSETS = "model,mamba_model,sequence_baselines,predictions,backtest"
+HEARTBEAT_S = 30  # seconds without progress after which a "still running" line is printed
 # lines of the dagster CLI's log worth showing as progress
 PROGRESS = re.compile(
     r"STEP_START|STEP_SUCCESS|STEP_FAILURE|RUN_FAILURE|fold \S+:|fold \S+ \S+ (seed|done)|"
@@ -56,6 +58,18 @@ def _materialize(
         cmd += ["--config-json", json.dumps(config)]
     started = time.perf_counter()
     print(f"\n==> {select}" + (f" [{partition_range}]" if partition_range else ""), flush=True)
+    last = [started]  # when progress was last shown
+    done = threading.Event()
+
+    def heartbeat() -> None:
+        # long quiet stretches (Dagster recording thousands of partition events) still show life
+        while not done.wait(5):
+            if time.perf_counter() - last[0] >= HEARTBEAT_S:
+                print(f"  {time.perf_counter() - started:6.0f}s  ... still running", flush=True)
+                last[0] = time.perf_counter()
+
+    beat = threading.Thread(target=heartbeat, daemon=True)
+    beat.start()
     with log.open("a") as out:
         out.write(f"\n$ {' '.join(cmd)}\n")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -65,7 +79,10 @@ def _materialize(
             if PROGRESS.search(line):
                 msg = line.rstrip().split(" - ")[-1]
                 print(f"  {time.perf_counter() - started:6.0f}s  {msg[:150]}", flush=True)
+                last[0] = time.perf_counter()
         code = proc.wait()
+    done.set()
+    beat.join()
     if code != 0:
         tail = log.read_text().splitlines()[-40:]
         raise SystemExit(f"`{select}` failed (exit {code}); the end of {log}:\n" + "\n".join(tail))
