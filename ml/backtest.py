@@ -17,10 +17,14 @@ volatility targeting, size = min(vol_target / (sigma * sqrt(periods_per_year)), 
 sigma being the per-bar return std forecast made at the decision bar; a bar without a usable
 sigma forecast (missing, NaN or <= 0) takes no position.
 
-Costs. fee_bps + slippage_bps per unit of position changed (position being a fraction of
-equity), charged on every change, including the entry from flat at the first open and the exit
+Costs. fee_bps + slippage_bps per unit of position traded (position being a fraction of
+equity), charged on every trade, including the entry from flat at the first open and the exit
 to flat at the last open: the position still held at the end is closed there and pays its cost.
-A cost is deducted from the return of the interval its trade opens (the exit's from the last
+What is traded at an open is the distance from the weight the position has drifted to (the
+previous weight after its interval's return, w (1 + r) / (1 + w r)) to the target weight, so
+keeping a short, levered or vol-targeted weight pays for its rebalancing; a unit long drifts to
+exactly 1 and pays nothing while held. A cost is deducted from the return of the interval its
+trade opens (the exit's, |w| (1 + r) of that interval's starting equity, from the last
 interval): net = position * open-to-open return - cost. Equity compounds the net returns and
 stays at 0 once a (leveraged) loss has wiped it out.
 
@@ -273,6 +277,18 @@ class Simulation:
     turnover: np.ndarray  # (n_params,) total |position change|, entry and final exit included
 
 
+def _drifted(held: np.ndarray, fwd: np.ndarray) -> np.ndarray:
+    """The weight each interval starts from before trading: the previous interval's weight
+    after its return moved the position and the equity, w (1 + r) / (1 + w r); 0 before the
+    first interval and after a wipe-out. Trading from it to the target weight is what is
+    charged, so holding a short, levered or vol-targeted weight pays for its rebalancing
+    (a unit long drifts to exactly 1 and pays nothing)."""
+    w, r = held[:, :-1], fwd[None, :-1]
+    equity = 1.0 + w * r
+    drift = np.where(equity > 0, w * (1.0 + r) / np.where(equity > 0, equity, 1.0), 0.0)
+    return np.concatenate([np.zeros((held.shape[0], 1)), drift], axis=1)
+
+
 def simulate(open_: np.ndarray, decided: np.ndarray, cost: np.ndarray | float) -> Simulation:
     """Execute decisions (n_params, n_bars) at the next open; cost is per unit of position
     changed, as a fraction ((fee_bps + slippage_bps) / 1e4), per set or one for all."""
@@ -287,9 +303,10 @@ def simulate(open_: np.ndarray, decided: np.ndarray, cost: np.ndarray | float) -
     held = decided[:, :-2]
     fwd = open_[2:] / open_[1:-1] - 1.0
     gross = held * fwd
-    change = np.abs(np.diff(held, axis=1, prepend=0.0))
-    exit_ = np.abs(held[:, -1])
-    change[:, -1] += exit_  # the position left at the end is closed at the last open
+    change = np.abs(held - _drifted(held, fwd))
+    # the position left at the end is closed at the last open: |w| (1 + r) of the last
+    # interval's starting equity, the value the position has grown (or shrunk) to
+    change[:, -1] += np.abs(held[:, -1]) * (1.0 + fwd[-1])
     cost_path = change * rate
     net = gross - cost_path
     equity = np.cumprod(np.maximum(1.0 + net, 0.0), axis=1)

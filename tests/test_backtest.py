@@ -71,24 +71,39 @@ def test_long_short_fills_at_next_open_and_pays_every_change_including_the_final
     # decisions at closes 0, 1, 2: long, long, short -> held over intervals 1->2, 2->3, 3->4
     #   (the decision at close 0 is filled at open 1; closes 3 and 4 have no interval left)
     # gross: +1 * 0.10, +1 * -0.10, -1 * +0.10          = 0.10, -0.10, -0.10
-    # changes: enter 0->1 at open 1 (1 unit), hold at open 2 (0), flip 1->-1 at open 3 (2),
-    #   final exit -1->0 at open 4 (1 unit, charged to the last interval)
-    # cost: 0.0015, 0, 0.0030 + 0.0015                  = 0.0015, 0, 0.0045
-    # net: 0.0985, -0.10, -0.1045
-    # equity: 1.0985, 1.0985 * 0.9 = 0.98865, 0.98865 * 0.8955 = 0.885336075
+    # changes: enter 0->1 at open 1 (1 unit), hold at open 2 (a long drifts to exactly 1: 0),
+    #   flip 1->-1 at open 3 (2), final exit at open 4: the short grew with the +10% move to
+    #   1 x 1.1 of the interval's starting equity (1.1 units, charged to the last interval)
+    # cost: 0.0015, 0, 0.0030 + 0.00165                 = 0.0015, 0, 0.00465
+    # net: 0.0985, -0.10, -0.10465
+    # equity: 1.0985, 1.0985 * 0.9 = 0.98865, 0.98865 * 0.89535 = 0.8851877775
     frame = _frame(FIVE_OPENS, FIVE_UP, FIVE_DOWN)
     paths, metrics = run_backtest(frame, BacktestConfig(threshold=0.1, allow_short=True))
     p = paths.filter(pl.col("strategy") == "model")
     assert p["ts"].to_list() == frame["ts"].to_list()[1:4]  # intervals start at opens 1, 2, 3
     np.testing.assert_allclose(p["position"].to_numpy(), [1.0, 1.0, -1.0])
     np.testing.assert_allclose(p["gross_return"].to_numpy(), [0.10, -0.10, -0.10], atol=1e-12)
-    np.testing.assert_allclose(p["cost"].to_numpy(), [0.0015, 0.0, 0.0045], atol=1e-12)
-    np.testing.assert_allclose(p["net_return"].to_numpy(), [0.0985, -0.10, -0.1045], atol=1e-12)
-    np.testing.assert_allclose(p["equity"].to_numpy(), [1.0985, 0.98865, 0.885336075])
+    np.testing.assert_allclose(p["cost"].to_numpy(), [0.0015, 0.0, 0.00465], atol=1e-12)
+    np.testing.assert_allclose(p["net_return"].to_numpy(), [0.0985, -0.10, -0.10465], atol=1e-12)
+    np.testing.assert_allclose(p["equity"].to_numpy(), [1.0985, 0.98865, 0.8851877775])
     m = metrics.filter(pl.col("strategy") == "model").row(0, named=True)
-    assert m["total_return"] == pytest.approx(0.885336075 - 1)
-    # 4 units traded over 3 intervals = 3/365 years
-    assert m["turnover_per_year"] == pytest.approx(4 / (3 / 365))
+    assert m["total_return"] == pytest.approx(0.8851877775 - 1)
+    # 4.1 units traded over 3 intervals = 3/365 years
+    assert m["turnover_per_year"] == pytest.approx(4.1 / (3 / 365))
+
+
+def test_holding_a_short_pays_for_keeping_its_weight_and_a_held_long_does_not():
+    # opens 100, 100, 110, 121, 121: intervals +10%, +10%, 0; cost 0.001 per unit
+    # short -1 held over the first two intervals, then flat:
+    #   open 1: enter 0 -> -1 (1 unit)
+    #   open 2: the short drifted to -1 x 1.1 / (1 - 0.1) = -1.2222...; back to -1: 0.2222 units
+    #   open 3: drifted to -1.2222 again; to flat: 1.2222 units
+    # a long 1 drifts to 1 x 1.1 / 1.1 = 1: nothing traded while held
+    opens = np.array([100.0, 100.0, 110.0, 121.0, 121.0])
+    short = simulate(opens, np.array([[-1.0, -1.0, 0.0, 0.0, 0.0]]), 0.001)
+    np.testing.assert_allclose(short.cost[0], [0.001, 0.001 * 2 / 9, 0.001 * 11 / 9], atol=1e-15)
+    long = simulate(opens, np.array([[1.0, 1.0, 0.0, 0.0, 0.0]]), 0.001)
+    np.testing.assert_allclose(long.cost[0], [0.001, 0.0, 0.001], atol=1e-15)
 
 
 def test_long_only_goes_flat_instead_of_short_and_pays_its_exit_when_it_happens():
@@ -208,8 +223,9 @@ def test_performance_figures_by_hand():
     np.testing.assert_allclose(sim.drawdown[0], [0.0, -0.5, -0.5, -0.4])
     assert perf["hit_rate"] == pytest.approx(2 / 3)  # in market 3 intervals, 2 of them up
     assert perf["exposure"] == pytest.approx(0.75)
-    # 1 + 0 + 1 + 1 units and the exit of 1 at the last open = 4 over 4/252 years
-    assert perf["turnover_per_year"] == pytest.approx(252.0)
+    # 1 + 0 + 1 + 1 units, and the exit at the last open of the long grown by +20%: 1.2 units;
+    # 4.2 over 4/252 years
+    assert perf["turnover_per_year"] == pytest.approx(4.2 / (4 / 252))
     # mean -0.05; deviations .15 -.45 .05 .25: sum sq 0.29, sd = sqrt(0.29/3) = 0.3109126
     assert perf["sharpe_per_bar"] == pytest.approx(-0.05 / 0.3109126, rel=1e-6)
     assert perf["sharpe"] == pytest.approx(-0.05 / 0.3109126 * math.sqrt(252), rel=1e-6)
@@ -313,7 +329,7 @@ def _loop_net_returns(frame: pl.DataFrame, row: dict, ppy: int) -> np.ndarray:
     sigma = frame["model_sigma"].to_numpy()
     rate = (row["fee_bps"] + row["slippage_bps"]) / 1e4
     h = row["holding_period"]
-    current, prev, net = 0.0, 0.0, []
+    current, drifted, net = 0.0, 0.0, []
     for t in range(len(opens) - 2):
         if t % h == 0:
             direction = 0.0
@@ -325,11 +341,14 @@ def _loop_net_returns(frame: pl.DataFrame, row: dict, ppy: int) -> np.ndarray:
             if row["vol_target"] is not None:
                 size = min(row["vol_target"] / (sigma[t] * math.sqrt(ppy)), row["max_leverage"])
             current = direction * size
-        cost = abs(current - prev) * rate
+        r = opens[t + 2] / opens[t + 1] - 1
+        cost = abs(current - drifted) * rate
         if t == len(opens) - 3:
-            cost += abs(current) * rate
-        net.append(current * (opens[t + 2] / opens[t + 1] - 1) - cost)
-        prev = current
+            cost += abs(current) * (1 + r) * rate
+        net.append(current * r - cost)
+        # the weight the next open trades from: the position and the equity both moved
+        grown = 1 + current * r
+        drifted = current * (1 + r) / grown if grown > 0 else 0.0
     return np.array(net)
 
 
