@@ -10,7 +10,14 @@ from assets.metadata import png_md, table_md
 from assets.partitions import SINGLE_RUN, fold_partitions
 from assets.resources import WarehouseResource
 from assets.training import _fold, predictions
-from ml.backtest import BacktestConfig, parameter_grid, plot_equity, run_backtest, run_grid
+from ml.backtest import (
+    BACKTEST_CODE_VERSION,
+    BacktestConfig,
+    parameter_grid,
+    plot_equity,
+    run_backtest,
+    run_grid,
+)
 from ml.walkforward_run import backtest_frame
 from warehouse.artifacts import content_version, frame_fingerprint
 
@@ -78,7 +85,9 @@ def backtest(
         long = pl.read_parquet(pred.file("predictions.parquet")).filter(pl.col("split") == "test")
         traded = tuple(n for n in TRADED if n in set(long["forecaster"]))
         frame = backtest_frame(long, prices, traded)
-        version = content_version("backtest", pred.version, cfg.__dict__, frame_fingerprint(frame))
+        version = content_version(
+            "backtest", BACKTEST_CODE_VERSION, pred.version, cfg.__dict__, frame_fingerprint(frame)
+        )
         paths, metrics = run_backtest(frame, cfg, forecasters=traded)
         grid = run_grid(frame, backtest_grid(cfg), cfg, forecasters=traded)
         fig = plot_equity(

@@ -9,9 +9,9 @@ from assets.metadata import png_md, table_md
 from assets.partitions import SINGLE_RUN
 from assets.resources import WarehouseResource
 from assets.training import KEEP_VERSIONS, _targets, predictions
-from ml.backtest import run_backtest, run_grid
-from ml.evaluation import MODELS, evaluate, metric_table
-from ml.report import build_figures, write_report
+from ml.backtest import BACKTEST_CODE_VERSION, run_backtest, run_grid
+from ml.evaluation import EVALUATION_CODE_VERSION, MODELS, evaluate, metric_table
+from ml.report import REPORT_CODE_VERSION, build_figures, write_report
 from ml.walkforward_run import backtest_frame
 from warehouse.artifacts import ArtifactError, content_version
 
@@ -93,7 +93,14 @@ def evaluation(
     }
     scored = long.join(labels, on=["symbol", "ts"], how="left")
     figures = build_figures(results, scored, paths, targets)
-    version = content_version("evaluation", found, config.model_dump())
+    version = content_version(
+        "evaluation",
+        EVALUATION_CODE_VERSION,
+        BACKTEST_CODE_VERSION,
+        REPORT_CODE_VERSION,
+        found,
+        config.model_dump(),
+    )
     art = store.write(
         "evaluation",
         PARTITION,

@@ -21,7 +21,12 @@ from ml.forecasters.base import FORECASTERS_CODE_VERSION
 from ml.forecasters.neural import SEQUENCE_MODELS
 from ml.labels import LabelConfig
 from ml.walkforward import Fold, WalkForwardConfig, assign_fold, walk_forward_folds
-from ml.walkforward_run import fit_registered, seed_means, with_ensembles
+from ml.walkforward_run import (
+    ASSEMBLY_CODE_VERSION,
+    fit_registered,
+    seed_means,
+    with_ensembles,
+)
 from warehouse.artifacts import ArtifactError, content_version, frame_fingerprint
 
 # lake versions kept of the tables whose version changes with the data (dataset, predictions)
@@ -336,6 +341,7 @@ def predictions(
             [a.version for a in arts],
             [a.version for a in past],
             FORECASTERS_CODE_VERSION,
+            ASSEMBLY_CODE_VERSION,
         )
         info: dict = {}
 

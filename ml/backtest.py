@@ -46,6 +46,8 @@ import polars as pl
 from scipy.stats import norm
 
 EULER_GAMMA = 0.5772156649015329
+# part of every backtest artifact's version: bump when the engine computes anything differently
+BACKTEST_CODE_VERSION = "2"
 
 PARAM_COLUMNS = (
     "threshold",

@@ -30,6 +30,8 @@ from ml.forecasters.base import DIRECTION_COLUMNS
 from ml.metrics import PRIMARY_LOSS, TARGET_METRICS, reliability_table
 from ml.significance import compare, model_confidence_set, non_overlapping_mask
 
+# part of the evaluation artifact's version: bump when a metric, test or table changes
+EVALUATION_CODE_VERSION = "1"
 MODELS = ("mamba2", "lightgbm")  # the learned forecasters tested against every other one
 KEYS = ["symbol", "ts"]
 NON_OVERLAP_FROM = 30  # horizons (bars) at and above which the non-overlapping subsample is shown

@@ -48,6 +48,8 @@ LOSS_NAMES = {
     "returns": "absolute error",
 }
 MCS_MARK = "\u2605"  # the star that marks members of the 90% Model Confidence Set
+# part of the evaluation artifact's version: bump when the report's content changes
+REPORT_CODE_VERSION = "1"
 SIGNIFICANCE = 0.05  # DM p-value below which, with the interval, a difference is called
 
 # One fixed look per name across every figure: the models stand out (strong colours, thick

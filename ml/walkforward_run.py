@@ -18,6 +18,8 @@ from ml.forecasters import ALL_TARGETS, REGISTRY, FoldData, TargetSpec
 from ml.forecasters.ensemble import combine, equal_weights, fit_ensemble
 
 KEYS = ["symbol", "ts"]
+# part of every predictions artifact's version: bump when seed means or ensembles change
+ASSEMBLY_CODE_VERSION = "2"
 
 
 def prediction_columns(targets: TargetSpec) -> list[str]:
