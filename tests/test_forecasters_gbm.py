@@ -176,15 +176,7 @@ def test_test_labels_never_reach_the_fit(planted, planted_predictions):
         pl.when(is_test).then(pl.lit(0, pl.Int8)).otherwise(SPEC.direction).alias(SPEC.direction),
     )
     assert not scrambled.equals(planted.rows)
-    data = FoldData(
-        key=planted.key,
-        rows=scrambled,
-        bars=planted.bars,
-        feature_columns=planted.feature_columns,
-        targets=planted.targets,
-        fit_end=planted.fit_end,
-        val_end=planted.val_end,
-    )
+    data = planted.replace(rows=scrambled)
     again = LightGBMForecaster(QUICK).fit(data).predict(data)
     assert again.equals(planted_predictions)
 
@@ -206,14 +198,6 @@ def test_a_target_with_too_few_training_labels_is_rejected(planted):
         .otherwise(pl.col(SPEC.sigma))
         .alias(SPEC.sigma)
     )
-    data = FoldData(
-        key="sparse",
-        rows=rows,
-        bars=planted.bars,
-        feature_columns=planted.feature_columns,
-        targets=planted.targets,
-        fit_end=planted.fit_end,
-        val_end=planted.val_end,
-    )
+    data = planted.replace(key="sparse", rows=rows)
     with pytest.raises(ValueError, match="fwd_vol_30"):
         LightGBMForecaster(QUICK).fit(data)

@@ -37,14 +37,9 @@ def test_sequence_forecast_at_t_ignores_later_bars(synthetic_fold):
     full = f.predict(synthetic_fold)
     cut = synthetic_fold.scored["ts"].sort()[len(synthetic_fold.scored) // 2]
     fold = synthetic_fold
-    short = type(fold)(
-        key=fold.key,
+    short = fold.replace(
         rows=fold.rows.filter(pl.col("ts") <= cut),
         bars=fold.bars.filter(pl.col("ts") <= cut),
-        feature_columns=fold.feature_columns,
-        targets=fold.targets,
-        fit_end=fold.fit_end,
-        val_end=fold.val_end,
         inputs=fold.inputs.filter(pl.col("ts") <= cut),
     )
     part = f.predict(short)

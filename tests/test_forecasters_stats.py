@@ -48,15 +48,7 @@ def _days(n: int, start: datetime = START) -> list[datetime]:
 
 def _with(data: FoldData, rows: pl.DataFrame, bars: pl.DataFrame | None = None) -> FoldData:
     """`data` with other rows (and bars); a fresh segment cache."""
-    return FoldData(
-        data.key,
-        rows,
-        data.bars if bars is None else bars,
-        data.feature_columns,
-        data.targets,
-        data.fit_end,
-        data.val_end,
-    )
+    return data.replace(rows=rows, bars=data.bars if bars is None else bars)
 
 
 def _bars(symbol: str, close: np.ndarray, start: datetime = START, **ohlc) -> pl.DataFrame:

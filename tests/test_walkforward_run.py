@@ -93,3 +93,10 @@ def test_ensemble_weights_come_from_earlier_folds_and_ignore_this_folds_validati
     long2 = _long("2021", start, 200, {"good": 3 * truth, "tuned": truth})
     _, again = with_ensembles(long2, past, labels, SPEC)
     assert again["ensemble"] == weights["ensemble"]
+
+
+def test_a_replaced_fold_does_not_reuse_the_old_rows_cached_segments(synthetic_fold):
+    before = synthetic_fold.train.height  # fills the segment cache
+    fewer = synthetic_fold.replace(rows=synthetic_fold.rows.filter(pl.col("symbol") == "ACME"))
+    assert 0 < fewer.train.height < before
+    assert synthetic_fold.train.height == before

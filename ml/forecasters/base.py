@@ -15,6 +15,7 @@ A forecaster covers any subset of the targets (`targets`); it leaves the others 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -127,6 +128,11 @@ class FoldData:
     # of stateful models, which see each bar once in order; None where no model needs it
     inputs: pl.DataFrame | None = None
     _cache: dict = field(default_factory=dict, repr=False)
+
+    def replace(self, **changes) -> FoldData:
+        """This fold with some fields changed (other rows, bars or inputs) and a fresh segment
+        cache: `dataclasses.replace` alone would carry the old rows' cached segments over."""
+        return dataclasses.replace(self, **changes, _cache={})
 
     def segment(self, name: str) -> pl.DataFrame:
         if name not in self._cache:
