@@ -60,6 +60,14 @@ class MarketSourcesResource(dg.ConfigurableResource):
     fred_api_key: str | None = Field(default=None, description="Set from EnvVar FRED_API_KEY")
     macro_path: str = Field(default="", description="CSV for macro_source=fred_file")
     seed: int = Field(default=42, ge=0, description="Seed of the synthetic market")
+    synthetic_planted_signal: float = Field(
+        default=0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Strength of the synthetic market's planted signal (0 = off, 1 = the "
+        "documented strength): a known driver published in on-chain tx_count that moves BTC-USD "
+        "forward returns and volatility (docs/FEATURES_AND_LABELS.md)",
+    )
 
     def source(self, table: str) -> Source:
         """The configured connector for `table`; raises SourceError on unknown names or options."""
@@ -70,6 +78,7 @@ class MarketSourcesResource(dg.ConfigurableResource):
                     "symbols": tuple(self.symbols),
                     "timeframe": self.timeframe,
                     "seed": self.seed,
+                    "planted": self.synthetic_planted_signal,
                     "exchange": self.exchange,
                     "path": self.ohlcv_path,
                     "auto_adjust": self.auto_adjust,
@@ -80,6 +89,7 @@ class MarketSourcesResource(dg.ConfigurableResource):
                 {
                     "assets": tuple(self.onchain_assets),
                     "seed": self.seed,
+                    "planted": self.synthetic_planted_signal,
                     "path": self.onchain_path,
                 },
             ),
@@ -88,6 +98,7 @@ class MarketSourcesResource(dg.ConfigurableResource):
                 {
                     "series": tuple(self.macro_series),
                     "seed": self.seed,
+                    "planted": self.synthetic_planted_signal,
                     "mode": self.fred_mode,
                     "api_key": self.fred_api_key,
                     "path": self.macro_path,

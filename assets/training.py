@@ -143,7 +143,7 @@ def _targets(meta: dict) -> TargetSpec:
     kinds={"lightgbm", "polars"},
     partitions_def=fold_partitions,
     backfill_policy=SINGLE_RUN,
-    code_version="2",
+    code_version="3",
     description="Per walk-forward fold: LightGBM (every target) and the statistical baselines "
     "(zero return, climatology, persistence, historical quantiles, EWMA, GARCH(1,1)-t, HAR), "
     "fitted on the fold's training rows; an immutable artifact with their predictions of the "
@@ -191,14 +191,26 @@ def model(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg
 
 
 class SequenceModelSettings(dg.Config):
+    """The sequence models' training settings (ml.forecasters.neural.SequenceSettings; the
+    defaults are those the ablations in docs/ABLATIONS.md chose)."""
+
     preset: str = "tiny"  # the Mamba2 backbone size: tiny (CPU), baseline, sparse_mhsa
     epochs: int = 8
     tbptt_len: int = 128
     lr: float = 2e-3
+    weight_decay: float = 0.01
+    dropout: float = 0.0
     patience: int = 3
+    monitor: str = "direction"  # validation metric for early stopping: a target, or "total"
+    min_steps: int = 100  # optimizer steps past warm-up before early stopping may stop
     seeds: list[int] = [0, 1, 2]
     device: str = "auto"  # auto: CUDA when the training process sees a GPU
+    amp: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     threads: int = 1  # CPU threads per training process (Mamba2 and the baselines run side by side)
+    stateful: bool = True  # False: the state restarts every tbptt_len bars
+    lane_norm: bool = False  # standardize each lane with its own training rows
+    onchain: bool = True  # False: leave out the on-chain inputs
+    sigma_anchor: bool = True  # heads in units of EWMA volatility from past returns
 
 
 def _run_sequences(
@@ -214,6 +226,12 @@ def _run_sequences(
         raise dg.Failure(f"Unknown Mamba2 preset {config.preset!r}; use one of {sorted(PRESETS)}")
     if config.epochs < 1 or config.tbptt_len < 1 or not config.seeds:
         raise dg.Failure("epochs and tbptt_len must be >= 1 and seeds must not be empty")
+    monitors = ("direction", "quantiles", "sigma", "returns", "total")
+    if config.monitor not in monitors or config.amp not in ("auto", "bf16", "off"):
+        raise dg.Failure(
+            f"monitor={config.monitor!r} / amp={config.amp!r}: use a monitor of {monitors} "
+            "and amp auto, bf16 or off"
+        )
     meta = warehouse.lake().read_meta("training_dataset")  # a clear message before launching
     for key in context.partition_keys:
         _fold(meta, key)
@@ -235,7 +253,7 @@ def _run_sequences(
     kinds={"pytorch"},
     partitions_def=fold_partitions,
     backfill_policy=SINGLE_RUN,
-    code_version="2",
+    code_version="3",
     description="Per walk-forward fold: the Mamba2 forecaster (direction, quantiles, sigma, "
     "returns), one per seed, trained with truncated BPTT in a separate process launched "
     "through Dagster Pipes; an immutable artifact with weights and predictions.",
@@ -255,7 +273,7 @@ def mamba_model(
     kinds={"pytorch"},
     partitions_def=fold_partitions,
     backfill_policy=SINGLE_RUN,
-    code_version="1",
+    code_version="2",
     description="Per walk-forward fold: the LSTM, GRU, Transformer and CNN-LSTM baselines at "
     "Mamba2's parameter count, trained through the same trainer, lanes, heads and loss, one "
     "per seed, in a Pipes subprocess.",

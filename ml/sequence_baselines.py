@@ -63,6 +63,7 @@ class SequenceBaselineConfig:
     horizons: tuple[int, ...] = (1, 5, 10, 30, 90)
     quantiles: tuple[float, ...] = (0.1, 0.9)
     n_direction_classes: int = 3
+    sigma_anchor: bool = False  # the input's last channel is a log volatility anchor
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -104,6 +105,7 @@ class SequenceBaselineConfig:
             "horizons": backbone.horizons,
             "quantiles": backbone.quantiles,
             "n_direction_classes": backbone.n_direction_classes,
+            "sigma_anchor": backbone.sigma_anchor,
         }
         kwargs = {**shared, **overrides}
         if "d_model" not in kwargs:
@@ -310,6 +312,7 @@ class SequenceBaseline(LayerStack):
             cfg.n_direction_classes,
             cfg.quantiles,
             cfg.horizons,
+            cfg.sigma_anchor,
         )
         self.cfg = cfg
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,17 @@ class TrainConfig:
     min_lr_ratio: float = 1e-4  # cosine decay ends at lr * min_lr_ratio
     grad_clip: float = 1.0
     patience: int = 4  # epochs without validation improvement before stopping
+    # the validation metric that picks the best weights and stops early: a task of the loss
+    # (its unweighted mean loss, e.g. direction log loss) or "total" (the sum of the tasks'
+    # log losses, free of the learned weights)
+    monitor: str = "direction"
+    min_steps: int = 100  # optimizer steps past warm-up before early stopping may stop a run
+    # the loss's own parameters (task log-variances): own learning rate, no decay, no schedule
+    loss_lr: float = 0.05
+    # False: a windowed encoder, the state restarts at every chunk of tbptt_len bars (training,
+    # validation and prediction alike) instead of flowing across the whole history
+    stateful: bool = True
+    restore_best: bool = True  # end with the best validation epoch's weights (else the last)
     seed: int = 0
     amp: str = "auto"  # "auto": bf16 autocast on CUDA, none on CPU; "bf16"; "off"
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = end of each epoch only
@@ -66,6 +77,10 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in (0, 1], got {self.min_lr_ratio}")
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be auto, bf16 or off, got {self.amp!r}")
+        if self.min_steps < 0 or self.patience < 1:
+            raise ValueError(
+                f"min_steps must be >= 0 and patience >= 1, got {self.min_steps}, {self.patience}"
+            )
 
 
 @dataclass
@@ -88,6 +103,19 @@ class Sequences:
     def length(self) -> int:
         return self.x.shape[1]
 
+    def n_chunks(self, size: int) -> int:
+        return math.ceil(self.length / size)
+
+    def chunk_targets(self, start: int, end: int) -> int:
+        """How many steps of start..end-1 carry at least one counted target (finite floats,
+        class labels >= 0, not masked out)."""
+        _, targets = self.chunk(start, end)
+        any_valid = torch.zeros(self.x.shape[0], min(end, self.length) - start, dtype=torch.bool)
+        for y in targets.values():
+            valid = torch.isfinite(y) if y.is_floating_point() else y >= 0
+            any_valid |= valid.reshape(*valid.shape[:2], -1).any(-1)
+        return int(any_valid.sum())
+
     def chunk(self, start: int, end: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         targets = {k: v[:, start:end] for k, v in self.targets.items()}
         if self.loss_mask is not None:
@@ -98,12 +126,23 @@ class Sequences:
 
 @dataclass
 class TrainResult:
-    best_val_loss: float
+    best_val_loss: float  # the monitored validation metric at the kept weights
     epochs_run: int
-    steps: int
+    steps: int  # optimizer steps taken (chunks without targets take none)
     skipped_steps: int
     history: list[dict[str, float]]
     stopped_early: bool
+    monitor: str = "direction"
+    best_epoch: int = 0
+    best_val: dict[str, float] = field(default_factory=dict)  # every validation figure there
+
+
+def _groups(data: Sequences | Sequence[Sequences]) -> list[Sequences]:
+    """Lane groups (lanes of one calendar each, see ml.sequence_data) as a list."""
+    groups = [data] if isinstance(data, Sequences) else list(data)
+    if not groups:
+        raise ValueError("no sequences: pass at least one lane group")
+    return groups
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -115,43 +154,71 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 class Trainer:
+    """TBPTT over one or more lane groups (each a `Sequences` with its own carried state).
+
+    An epoch walks every group's chunks in time order, interleaving the groups by how far
+    through their history each chunk lies. A chunk without any counted target (warm-up, purged
+    or other-segment bars) runs forward only, to carry the state, and takes no optimizer step.
+    The validation metric is summed over elements and divided once over all chunks.
+    """
+
     def __init__(
         self,
         model: nn.Module,
         loss_fn: nn.Module,
-        train: Sequences,
-        val: Sequences,
+        train: Sequences | Sequence[Sequences],
+        val: Sequences | Sequence[Sequences],
         cfg: TrainConfig,
         checkpoint_dir: Path | None = None,
         on_step: Callable[[int], None] | None = None,
     ) -> None:
-        self.model, self.loss_fn, self.train_data, self.val_data, self.cfg = (
-            model,
-            loss_fn,
-            train,
-            val,
-            cfg,
-        )
+        self.model, self.loss_fn, self.cfg = model, loss_fn, cfg
+        self.train_data, self.val_data = _groups(train), _groups(val)
+        monitorable = {"total", *(k for g in self.val_data for k in g.targets)}
+        if cfg.monitor not in monitorable:
+            raise ValueError(
+                f"monitor={cfg.monitor!r} is not a validation target; "
+                f"choose one of {sorted(monitorable)}"
+            )
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.on_step = on_step  # called with the global step after every optimizer step
         self.device = next(model.parameters()).device
-        params = [p for p in [*model.parameters(), *loss_fn.parameters()] if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.chunks_per_epoch = math.ceil(train.length / cfg.tbptt_len)
-        self.total_steps = cfg.epochs * self.chunks_per_epoch
+        self.optimizer = torch.optim.AdamW(parameter_groups(model, loss_fn, cfg), lr=cfg.lr)
+        L = cfg.tbptt_len
+        # every (group, chunk) in time order across groups; chunks with targets take a step
+        self.schedule = sorted(
+            ((g, c) for g, seq in enumerate(self.train_data) for c in range(seq.n_chunks(L))),
+            key=lambda gc: ((gc[1] + 1) / self.train_data[gc[0]].n_chunks(L), gc[0]),
+        )
+        counts = [self.train_data[g].chunk_targets(c * L, (c + 1) * L) for g, c in self.schedule]
+        self.trains = [n > 0 for n in counts]
+        # each chunk's loss is a mean over its rows: weigh it by its rows, so a chunk with a
+        # few targets (a segment's edge) counts for that few, as validation counts them
+        mean_rows = sum(counts) / max(1, sum(self.trains))
+        self.chunk_weights = [n / mean_rows for n in counts]
+        self.steps_per_epoch = sum(self.trains)
+        if self.steps_per_epoch == 0:
+            raise ValueError("the training sequences carry no target: nothing to fit")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
         self.lr_scale = 1.0  # lowered by the NaN guard
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            [self._lr_lambda] * (len(self.optimizer.param_groups) - 1) + [self._loss_lr_lambda],
+        )
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.epoch, self.chunk, self.step, self.skipped = 0, 0, 0, 0
         self.best_val, self.bad_epochs = math.inf, 0
         self.best_weights: dict[str, Any] | None = None
         self.history: list[dict[str, float]] = []
-        self.carried: Any = None
+        self.carried: list[Any] = [None] * len(self.train_data)
         self._epoch_losses: list[float] = []
 
     def _lr_lambda(self, step: int) -> float:
         c = self.cfg
         return self.lr_scale * lr_factor(step, c.warmup_steps, self.total_steps, c.min_lr_ratio)
+
+    def _loss_lr_lambda(self, step: int) -> float:
+        return self.lr_scale
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> TrainResult:
@@ -160,82 +227,127 @@ class Trainer:
             self.load_checkpoint(self.checkpoint_dir / "last.pt")
         else:
             torch.manual_seed(self.cfg.seed)
+            if hasattr(self.loss_fn, "init_log_vars"):
+                # each task's weight starts at its equilibrium 1 / (its initial loss)
+                initial = self.evaluate_tasks(self.train_data)
+                self.loss_fn.init_log_vars(initial)
+                log.info(
+                    "initial training losses %s",
+                    ", ".join(f"{k} {v:.4g}" for k, v in initial.items() if k != "total"),
+                )
         stopped_early = False
+        past_warmup = self.cfg.warmup_steps + self.cfg.min_steps
         while self.epoch < self.cfg.epochs:
             self._train_epoch()
-            val_loss = self.evaluate(self.val_data)
+            val = self.evaluate_tasks(self.val_data)
+            val_loss = val[self.cfg.monitor]
             train_loss = sum(self._epoch_losses) / max(1, len(self._epoch_losses))
-            self.history.append(
-                {
-                    "epoch": self.epoch + 1,
-                    "train_loss": train_loss,
-                    "val_loss": val_loss,
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                }
-            )
+            entry = {
+                "epoch": float(self.epoch + 1),
+                "step": float(self.step),
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                **{f"val_{k}": v for k, v in val.items()},
+                "lr": self.optimizer.param_groups[0]["lr"],
+            }
+            if hasattr(self.loss_fn, "weights"):
+                entry.update({f"weight_{k}": v for k, v in self.loss_fn.weights().items()})
+            self.history.append(entry)
             log.info(
-                "epoch %d/%d: train loss %.5f, validation loss %.5f, lr %.2e",
+                "epoch %d/%d (step %d): train loss %.5f, validation %s %.5f, lr %.2e",
                 self.epoch + 1,
                 self.cfg.epochs,
+                self.step,
                 train_loss,
+                self.cfg.monitor,
                 val_loss,
                 self.optimizer.param_groups[0]["lr"],
             )
             if val_loss < self.best_val:
                 self.best_val, self.bad_epochs = val_loss, 0
                 self.best_weights = {k: v.detach().clone() for k, v in self._weights().items()}
-            else:
+            elif self.step >= past_warmup:  # too early to judge before warm-up + min_steps
                 self.bad_epochs += 1
-            self.epoch, self.chunk, self.carried, self._epoch_losses = self.epoch + 1, 0, None, []
+            self.epoch, self.chunk, self._epoch_losses = self.epoch + 1, 0, []
+            self.carried = [None] * len(self.train_data)
             self.save_checkpoint()
             if self.bad_epochs >= self.cfg.patience:
                 stopped_early = True
-                log.info("early stop: no validation improvement for %d epochs", self.bad_epochs)
+                log.info(
+                    "early stop: no validation %s improvement for %d epochs",
+                    self.cfg.monitor,
+                    self.bad_epochs,
+                )
                 break
-        if self.best_weights is not None:
+        if self.best_weights is not None and self.cfg.restore_best:
             self._load_weights(self.best_weights)
+        if self.cfg.restore_best:
+            best = min(self.history, key=lambda h: h["val_loss"]) if self.history else {}
+        else:  # the kept weights are the last epoch's
+            best = self.history[-1] if self.history else {}
         return TrainResult(
-            self.best_val, self.epoch, self.step, self.skipped, self.history, stopped_early
+            best.get("val_loss", self.best_val),
+            self.epoch,
+            self.step,
+            self.skipped,
+            self.history,
+            stopped_early,
+            monitor=self.cfg.monitor,
+            best_epoch=int(best.get("epoch", 0)),
+            best_val={k[4:]: v for k, v in best.items() if k.startswith("val_")},
         )
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _train_epoch(self) -> None:
         self.model.train()
         self.loss_fn.train()
         L = self.cfg.tbptt_len
         bar = tqdm(
-            range(self.chunk, self.chunks_per_epoch),
+            total=self.steps_per_epoch,
+            initial=sum(self.trains[: self.chunk]),
             disable=not self.cfg.progress,
             desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
             leave=False,
         )
-        for c in bar:
-            x, targets = self.train_data.chunk(c * L, (c + 1) * L)
+        for i in range(self.chunk, len(self.schedule)):
+            g, c = self.schedule[i]
+            x, targets = self.train_data[g].chunk(c * L, (c + 1) * L)
             x = self._augment(x.to(self.device))
+            if not self.cfg.stateful:
+                self.carried[g] = None
+            if not self.trains[i]:  # nothing to score: carry the state forward, no step
+                with torch.no_grad(), self._autocast():
+                    _, state = self.model(x, self.carried[g])
+                self.carried[g] = detach_state(state)
+                self.chunk = i + 1
+                continue
             targets = {k: v.to(self.device) for k, v in targets.items()}
             with self._autocast():
-                outputs, state = self.model(x, self.carried)
-                loss, _ = self.loss_fn(outputs, targets)
+                outputs, state = self.model(x, self.carried[g])
+            loss, _ = self.loss_fn(outputs, targets)
             ok = bool(torch.isfinite(loss))
             if ok:
-                loss.backward()
-                grads = [
-                    p.grad for p in self.optimizer.param_groups[0]["params"] if p.grad is not None
+                (loss * self.chunk_weights[i]).backward()
+                # clip the model's gradients; the task log-variances (last group) have their
+                # own rate and would otherwise rescale the model's step, and vice versa
+                model_params = [
+                    p for grp in self.optimizer.param_groups[:-1] for p in grp["params"]
                 ]
-                norm = nn.utils.clip_grad_norm_(
-                    self.optimizer.param_groups[0]["params"], self.cfg.grad_clip
-                )
+                norm = nn.utils.clip_grad_norm_(model_params, self.cfg.grad_clip)
                 ok = bool(torch.isfinite(norm)) and all(
-                    bool(torch.isfinite(g).all()) for g in grads
+                    bool(torch.isfinite(p.grad).all()) for p in self._params() if p.grad is not None
                 )
             if ok:
                 self.optimizer.step()
                 self._epoch_losses.append(float(loss.detach()))
-                self.carried = detach_state(state)
+                self.carried[g] = detach_state(state)
             else:
                 # Skip the step, forget the (possibly poisoned) state, and back off the rate.
                 self.skipped += 1
                 self.lr_scale *= self.cfg.nan_lr_backoff
-                self.carried = None
+                self.carried[g] = None
                 log.warning(
                     "non-finite loss or gradient at step %d: step skipped, lr x%.2f",
                     self.step,
@@ -244,35 +356,73 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             self.step += 1
-            self.chunk = c + 1
+            self.chunk = i + 1
+            bar.update(1)
             if ok:
                 bar.set_postfix(loss=f"{self._epoch_losses[-1]:.4f}")
             if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 self.save_checkpoint()
             if self.on_step:
                 self.on_step(self.step)
+        bar.close()
 
     @torch.no_grad()
-    def evaluate(self, data: Sequences) -> float:
-        """Mean loss over `data`, chunk by chunk with the state carried, no augmentation."""
+    def evaluate_tasks(self, data: Sequences | Sequence[Sequences]) -> dict[str, float]:
+        """Each task's mean loss over every counted target of `data` (summed over all chunks
+        and lane groups, divided once), and "total", the loss's weighting of those means.
+        Chunk by chunk with the state carried, no augmentation."""
         self.model.eval()
         self.loss_fn.eval()
-        state, total, n = None, 0.0, 0
+        sums: dict[str, float] = {}
+        counts: dict[str, float] = {}
         L = self.cfg.tbptt_len
-        for c in range(math.ceil(data.length / L)):
-            x, targets = data.chunk(c * L, (c + 1) * L)
-            with self._autocast():
-                outputs, state = self.model(x.to(self.device), state)
-                loss, _ = self.loss_fn(outputs, {k: v.to(self.device) for k, v in targets.items()})
-            if torch.isfinite(loss):
-                total, n = total + float(loss), n + 1
-        return total / n if n else math.inf
+        for seq in _groups(data):
+            state = None
+            for c in range(seq.n_chunks(L)):
+                x, targets = seq.chunk(c * L, (c + 1) * L)
+                with self._autocast():
+                    outputs, state = self.model(
+                        x.to(self.device), state if self.cfg.stateful else None
+                    )
+                targets = {k: v.to(self.device) for k, v in targets.items()}
+                for name, (total, n) in _task_sums(self.loss_fn, outputs, targets).items():
+                    if n > 0:
+                        sums[name] = sums.get(name, 0.0) + float(total)
+                        counts[name] = counts.get(name, 0.0) + float(n)
+        means = {k: sums[k] / counts[k] for k in sums}
+        if not means:
+            return {"total": math.inf, self.cfg.monitor: math.inf}
+        if hasattr(self.loss_fn, "combine"):
+            # the sum of log losses: what the uncertainty weighting equilibrates to, and free
+            # of the weights themselves (they move every epoch; the weighted loss with them
+            # would improve just because they moved)
+            means["total"] = (
+                sum(math.log(v) for v in means.values())
+                if all(v > 0 for v in means.values())
+                else -math.inf
+            )
+        else:
+            means["total"] = sum(means.values())
+        means = {k: (v if math.isfinite(v) else math.inf) for k, v in means.items()}
+        means.setdefault(self.cfg.monitor, math.inf)
+        return means
+
+    def evaluate(self, data: Sequences | Sequence[Sequences]) -> float:
+        """The monitored validation metric over `data` (see `evaluate_tasks`)."""
+        return self.evaluate_tasks(data)[self.cfg.monitor]
 
     # -- pieces -----------------------------------------------------------------------------
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         a = self.cfg.augment
         if not a.enabled:
             return x
+        aux = getattr(self.model, "aux_channels", 0)  # trailing non-feature inputs: untouched
+        if aux:
+            return torch.cat([self._augment_features(x[..., :-aux]), x[..., -aux:]], dim=-1)
+        return self._augment_features(x)
+
+    def _augment_features(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.cfg.augment
         g = self.generator
         b, _, f = x.shape
         if a.magnitude_warp > 0:
@@ -310,6 +460,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "epoch_losses": torch.tensor(self._epoch_losses, dtype=torch.float64),
             "aug_rng": self.generator.get_state(),
             "position": torch.tensor(
                 [self.epoch, self.chunk, self.step, self.skipped, self.bad_epochs]
@@ -317,9 +469,7 @@ class Trainer:
             "floats": torch.tensor([self.best_val, self.lr_scale], dtype=torch.float64),
             "best_weights": self.best_weights or {},
             "carried": flatten_state(self.carried),
-            "history": [
-                [h["epoch"], h["train_loss"], h["val_loss"], h["lr"]] for h in self.history
-            ],
+            "history": [{k: float(v) for k, v in h.items()} for h in self.history],
         }
         path = self.checkpoint_dir / "last.pt"
         tmp = path.with_suffix(".pt.tmp")
@@ -333,17 +483,22 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         torch.set_rng_state(ckpt["torch_rng"])
+        if ckpt.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        self._epoch_losses = [float(v) for v in ckpt.get("epoch_losses", torch.zeros(0))]
         self.generator.set_state(ckpt["aug_rng"])
         self.epoch, self.chunk, self.step, self.skipped, self.bad_epochs = (
             int(v) for v in ckpt["position"]
         )
         self.best_val, self.lr_scale = (float(v) for v in ckpt["floats"])
         self.best_weights = ckpt["best_weights"] or None
-        self.history = [
-            dict(zip(("epoch", "train_loss", "val_loss", "lr"), h, strict=True))
-            for h in ckpt["history"]
-        ]
+        self.history = [dict(h) for h in ckpt["history"]]
         self.carried = unflatten_state(ckpt["carried"])
+        if not isinstance(self.carried, list) or len(self.carried) != len(self.train_data):
+            raise ValueError(
+                f"checkpoint {path} does not hold one carried state per lane group; this run has "
+                f"{len(self.train_data)} lane groups. Delete the checkpoint to start afresh."
+            )
         log.info(
             "resumed from %s at epoch %d, chunk %d (step %d)",
             path,
@@ -351,6 +506,35 @@ class Trainer:
             self.chunk,
             self.step,
         )
+
+
+def parameter_groups(model: nn.Module, loss_fn: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: matrices decay; biases, norms, 1-d and `_no_weight_decay` parameters (the
+    SSM's A_log, dt_bias, D) do not; the loss's parameters (last group) have their own rate."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2 or getattr(p, "_no_weight_decay", False):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
+    return [
+        {"params": decay, "weight_decay": cfg.weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        {"params": loss_params, "weight_decay": 0.0, "lr": cfg.loss_lr, "name": "loss"},
+    ]
+
+
+def _task_sums(
+    loss_fn: nn.Module, outputs: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """task -> (summed loss, count); a loss without `task_sums` counts as one task, "total"."""
+    if hasattr(loss_fn, "task_sums"):
+        return loss_fn.task_sums(outputs, targets)
+    loss, _ = loss_fn(outputs, targets)
+    return {"total": (loss, torch.ones(()))} if torch.isfinite(loss) else {}
 
 
 def _mask_targets(y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -78,6 +78,8 @@ def train_sequence_models(
                 "fold": fold.to_json(),
                 "seeds": list(seeds),
                 "device": str(device),
+                "precision": s.precision(),  # training, validation and prediction alike
+                "monitor": s.monitor,
             }
             art = store.write(
                 kind,
@@ -130,6 +132,10 @@ def _train(
     pl.concat(parts).write_parquet(folder / "predictions.parquet")
     (folder / "history.json").write_text(json.dumps(history, indent=2, default=str))
     (folder / "scaler.json").write_text(f.scaler.to_json())
+    if f.lane_scalers:  # lane_norm: each lane's own training statistics (of the last seed)
+        (folder / "lane_scalers.json").write_text(
+            json.dumps({k: json.loads(v.to_json()) for k, v in f.lane_scalers.items()}, indent=2)
+        )
     config = {
         "model": kind,
         "settings": s.to_json(),
@@ -139,9 +145,13 @@ def _train(
         "seeds": list(seeds),
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    summaries = [history[str(x)]["summary"] for x in seeds]
     out.update(
         parameters=f.summary["parameters"],
-        val_loss=[history[str(x)]["summary"]["best_val_loss"] for x in seeds],
+        val_loss=[x["best_val_loss"] for x in summaries],  # the monitored metric, per seed
+        best_epoch=[x["best_epoch"] for x in summaries],
+        epochs_run=[x["epochs_run"] for x in summaries],
+        steps=[x["steps"] for x in summaries],
         train_seconds=round(time.perf_counter() - started, 1),
     )
 

@@ -64,3 +64,19 @@ def test_content_version_is_stable_and_sensitive():
 def test_bad_path_segments_are_refused(paths):
     with pytest.raises(ArtifactError, match="Invalid artifact partition"):
         ArtifactStore(paths.artifacts).write("model", "../x", "v1", _writer(""), {})
+
+
+def test_the_manifest_records_metadata_the_writer_adds_while_writing(paths):
+    """Training summaries exist only after the files are written: they must reach the manifest,
+    so a reused artifact still reports its validation loss, epochs and steps."""
+    store = ArtifactStore(paths.artifacts)
+    metadata = {"fold": "2021"}
+
+    def write(folder):
+        (folder / "weights.pt").write_bytes(b"w")
+        metadata.update(val_loss=[0.97], steps=120)
+
+    store.write("mamba2", "2021", "v1", write, metadata)
+    again = store.write("mamba2", "2021", "v1", lambda folder: None, {"fold": "2021"})
+    assert not again.created
+    assert again.manifest["metadata"] == {"fold": "2021", "val_loss": [0.97], "steps": 120}

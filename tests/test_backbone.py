@@ -1,6 +1,7 @@
 """The forecaster backbone: presets, exact chunked and streaming inference (through attention
 with a carried window), the masked multi-task loss, and a smoke test that it can learn."""
 
+import math
 import time
 
 import pytest
@@ -13,6 +14,7 @@ from ml.backbone import (
     CausalSelfAttention,
     Forecaster,
     MultiTaskLoss,
+    TargetStats,
     count_parameters,
 )
 from ml.mamba2 import Mamba2State
@@ -165,9 +167,9 @@ def test_loss_ignores_nan_targets_and_learns_its_log_variances() -> None:
     assert torch.isfinite(total) and all(torch.isfinite(p) for p in parts.values())
     total.backward()
     assert loss_fn.log_vars.grad is not None and (loss_fn.log_vars.grad != 0).all()
-    for key in ("direction", "quantiles", "sigma"):
-        assert outputs[key].grad[:, -3:].abs().sum() == 0, key
-        assert outputs[key].grad[:, :-3].abs().sum() > 0, key
+    for key, out_key in (("direction",) * 2, ("quantiles",) * 2, ("sigma", "log_sigma")):
+        assert outputs[out_key].grad[:, -3:].abs().sum() == 0, key
+        assert outputs[out_key].grad[:, :-3].abs().sum() > 0, key
     assert outputs["returns"].grad[0, :, 4].abs().sum() == 0
     assert torch.isfinite(outputs["returns"].grad).all()
 
@@ -210,3 +212,92 @@ def test_tiny_model_overfits_a_small_batch() -> None:
     print(f"unweighted loss {history[0]:.3f} -> {history[-1]:.3f} in {elapsed:.1f} s")
     assert history[-1] < 0.5 * history[0], (history[0], history[-1])
     assert elapsed < 30, elapsed
+
+
+def test_calibrated_heads_start_at_the_training_targets_constants() -> None:
+    """A fresh calibrated model forecasts climatology: class frequencies, the empirical
+    quantiles, the QLIKE-best constant sigma and the mean return (not sigma ~0.69 for a 0.02
+    target)."""
+    torch.manual_seed(0)
+    cfg = BackboneConfig.preset("tiny", n_features=5, backend="torch", horizons=(1, 5))
+    g = torch.Generator().manual_seed(3)
+    n = 20000
+    sigma = 0.02 * torch.exp(0.8 * torch.randn(1, n, generator=g))
+    targets = {
+        "direction": torch.multinomial(torch.tensor([0.2, 0.5, 0.3]), n, True, generator=g)[None],
+        "quantiles": (0.01 + 0.1 * torch.randn(1, n, generator=g)),
+        "sigma": sigma,
+        "returns": torch.stack([0.001 + 0.02 * torch.randn(1, n, generator=g)] * 2, -1),
+    }
+    stats = TargetStats.from_targets(targets, cfg.horizons, cfg.quantiles, 3)
+    model = Forecaster(cfg)
+    model.calibrate(stats)
+    with torch.no_grad():
+        out, _ = model(torch.randn(2, 50, 5))
+    probs = torch.softmax(out["direction"], -1).mean((0, 1))
+    torch.testing.assert_close(probs, torch.tensor([0.2, 0.5, 0.3]), atol=0.03, rtol=0)
+    # QLIKE's best constant is sqrt(mean sigma^2) = 0.02 exp(0.8^2) ~ 0.038, not the median
+    best = float((sigma**2).mean().sqrt())
+    assert best == pytest.approx(0.02 * math.exp(0.64), rel=0.05)
+    assert out["sigma"].median() == pytest.approx(best, rel=0.1)
+    lo, hi = out["quantiles"][..., 0].mean(), out["quantiles"][..., 1].mean()
+    assert lo == pytest.approx(0.01 - 1.2816 * 0.1, abs=0.02)
+    assert hi == pytest.approx(0.01 + 1.2816 * 0.1, abs=0.02)
+    assert out["returns"].mean() == pytest.approx(0.001, abs=0.002)
+    # sigma * sqrt(h): the 5-bar return is in units sqrt(5) times the 1-bar one's
+    torch.testing.assert_close(stats.return_scale[1] / stats.return_scale[0], torch.tensor(5**0.5))
+
+
+def test_anchored_heads_forecast_in_units_of_the_volatility_anchor() -> None:
+    """With a log-volatility anchor a as the input's last channel, a calibrated fresh model
+    forecasts sigma = c exp(a) (c fitted on the training rows), and quantiles and returns
+    scaled by exp(a): a bar twice as volatile gets a band twice as wide."""
+    torch.manual_seed(0)
+    cfg = BackboneConfig.preset(
+        "tiny", n_features=4, backend="torch", horizons=(1, 5), sigma_anchor=True
+    )
+    g = torch.Generator().manual_seed(5)
+    n = 20000
+    a = torch.log(0.01 + 0.04 * torch.rand(1, n, generator=g))  # the anchor varies fourfold
+    vol = 1.2 * torch.exp(a)  # realized volatility runs 20% above the anchor
+    targets = {
+        "direction": torch.randint(0, 3, (1, n), generator=g),
+        "quantiles": vol * 3 * torch.randn(1, n, generator=g),
+        "sigma": vol,
+        "returns": torch.stack([vol * torch.randn(1, n, generator=g)] * 2, -1),
+    }
+    stats = TargetStats.from_targets(targets, cfg.horizons, cfg.quantiles, 3, anchor=a)
+    assert float(stats.log_sigma_level.exp()) == pytest.approx(1.2, rel=0.02)
+    model = Forecaster(cfg)
+    model.calibrate(stats)
+    x = torch.cat([torch.zeros(1, 2, 4), torch.log(torch.tensor([0.01, 0.02]))[None, :, None]], -1)
+    with torch.no_grad():
+        out, _ = model(x)
+    torch.testing.assert_close(out["sigma"][0], torch.tensor([0.012, 0.024]), rtol=0.1, atol=0)
+    width = out["quantiles"][0, :, 1] - out["quantiles"][0, :, 0]
+    assert float(width[1] / width[0]) == pytest.approx(2.0, rel=0.05)
+    units = out["return_units"][0]
+    torch.testing.assert_close(units[1] / units[0], torch.tensor([2.0, 2.0]))
+    # a zero EWMA variance (log -inf) stays inside the head's range instead of poisoning it
+    bad = x.clone()
+    bad[0, 0, -1] = float("-inf")
+    with torch.no_grad():
+        assert torch.isfinite(model(bad)[0]["quantiles"]).all()
+
+
+def test_every_return_horizon_weighs_alike_in_the_loss() -> None:
+    """An error of one sigma * sqrt(h) costs the same on every horizon, measured in the
+    units the model reports with its forecast (as in training)."""
+    scale = torch.tensor([0.02, 0.02 * 30**0.5])
+    loss_fn = MultiTaskLoss(n_horizons=2)
+    truth = torch.zeros(1, 10, 2)
+    units = scale.expand(1, 10, 2)
+    per_horizon = [
+        loss_fn.task_losses(
+            {"returns": truth + scale * torch.eye(2)[h], "return_units": units},
+            {"returns": truth},
+        )
+        for h in range(2)
+    ]
+    assert per_horizon[0]["returns"][0] == pytest.approx(float(per_horizon[1]["returns"][0]))
+    assert per_horizon[0]["returns"][0] > 0.2

@@ -301,3 +301,263 @@ def test_fused_backend_agrees_with_the_torch_scan() -> None:
         y_t, s_t = reference(u, state)
     torch.testing.assert_close(y_f, y_t, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(s_f.ssm_state, s_t.ssm_state, atol=1e-3, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# An independent float64 reference: the Mamba-2 block written from the paper's recurrence and
+# mamba_ssm's block layout, reading only the layer's parameters and config (none of its
+# forward code). The tests above hold the layer's paths to each other; these hold all of them
+# to the equations, so a mistake shared by every path (split order, the conv, dt, which group
+# a head reads, where D or the gate applies, the norm) cannot pass.
+# --------------------------------------------------------------------------------------------
+
+REFERENCE_MUTATIONS = (
+    "head_reads_the_other_group",  # head h reads group (h // (H/G) + 1) % G
+    "head_reads_group_h_mod_G",  # interleaved instead of blocked head -> group map
+    "norm_before_gate",  # norm(y) * silu(z) instead of norm(y * silu(z))
+    "no_D_skip",  # y_t = C_t h_t
+    "D_skips_the_pre_conv_x",  # D * x with x taken before the conv + SiLU
+    "dt_without_bias",  # softplus(dt) instead of softplus(dt + dt_bias)
+    "z_and_xBC_swapped",  # in_proj split [xBC, z, dt] instead of [z, xBC, dt]
+    "conv_taps_reversed",  # tap 0 multiplies the newest input
+    "B_and_C_swapped",  # xBC split [x, C, B] instead of [x, B, C]
+    "input_not_scaled_by_dt",  # h_t = exp(dt A) h_{t-1} + x_t B_t^T
+    "y_reads_the_previous_state",  # y_t = h_{t-1} C_t + D x_t
+    "ungrouped_norm",  # one RMSNorm over all d_inner channels instead of per group
+)
+
+
+def _recurrence_reference(
+    layer: Mamba2,
+    u: torch.Tensor,
+    conv_state0: torch.Tensor,
+    ssm_state0: torch.Tensor,
+    mutation: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mamba-2 block, one time step at a time, in float64.
+
+    in_proj -> [z (d_inner), xBC (d_inner + 2 G N), dt (H)]; depthwise causal conv over the
+    last K pre-activation xBC inputs (the carried K-1 and the new one; tap K-1 is the newest)
+    plus bias, then SiLU; xBC -> [x (H, P), B (G, N), C (G, N)]; dt = softplus(dt + dt_bias);
+    A = -exp(A_log); per head h reading group g = h // (H / G):
+        h_t = exp(dt_t A_h) h_{t-1} + dt_t x_t B_t^T   (P, N)
+        y_t = h_t C_t + D_h x_t                          (P,)
+    then RMSNorm(y * silu(z)) per group of d_inner / G channels, times the norm weight
+    (mamba_ssm's RMSNormGated, norm_before_gate=False), then out_proj.
+    Returns y (B, L, d_model), conv state (B, conv_dim, K-1), ssm state (B, H, P, N).
+    """
+    assert mutation is None or mutation in REFERENCE_MUTATIONS, mutation
+    cfg = layer.cfg
+    f64 = torch.float64
+    p = {k: v.detach().to(f64) for k, v in layer.state_dict().items()}
+    batch, seqlen, _ = u.shape
+    H, P, G, N, K = cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state, cfg.d_conv
+    d_inner = cfg.expand * cfg.d_model
+    conv_dim = d_inner + 2 * G * N
+    heads_per_group = H // G
+    assert p["in_proj.weight"].shape == (2 * d_inner + 2 * G * N + H, cfg.d_model)
+
+    W_in, b_in = p["in_proj.weight"], p.get("in_proj.bias")
+    conv_w = p["conv1d.weight"][:, 0, :]  # (conv_dim, K)
+    if mutation == "conv_taps_reversed":
+        conv_w = conv_w.flip(-1)
+    conv_b = p.get("conv1d.bias")
+    A = -torch.exp(p["A_log"])  # (H,)
+    D, dt_bias, norm_w = p["D"], p["dt_bias"], p["norm.weight"]
+    W_out, b_out = p["out_proj.weight"], p.get("out_proj.bias")
+
+    def group_of(h: int) -> int:
+        if mutation == "head_reads_the_other_group":
+            return (h // heads_per_group + 1) % G
+        if mutation == "head_reads_group_h_mod_G":
+            return h % G
+        return h // heads_per_group
+
+    def silu(v: torch.Tensor) -> torch.Tensor:
+        return v / (1.0 + torch.exp(-v))
+
+    def softplus(v: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(v, min=0.0) + torch.log1p(torch.exp(-v.abs()))
+
+    def rmsnorm(v: torch.Tensor, w: torch.Tensor, size: int) -> torch.Tensor:
+        out = torch.empty_like(v)
+        for lo in range(0, v.shape[-1], size):
+            seg = v[:, lo : lo + size]
+            rms = torch.sqrt((seg * seg).mean(-1, keepdim=True) + cfg.norm_eps)
+            out[:, lo : lo + size] = seg / rms * w[lo : lo + size]
+        return out
+
+    # the last K-1 pre-activation conv inputs, oldest first
+    history = [conv_state0[:, :, j].to(f64) for j in range(K - 1)]
+    S = ssm_state0.to(f64).clone()  # (B, H, P, N)
+    outputs = []
+    for t in range(seqlen):
+        zxbcdt = u[:, t].to(f64) @ W_in.T
+        if b_in is not None:
+            zxbcdt = zxbcdt + b_in
+        if mutation == "z_and_xBC_swapped":
+            xBC_in, z = zxbcdt[:, :conv_dim], zxbcdt[:, conv_dim : conv_dim + d_inner]
+        else:
+            z, xBC_in = zxbcdt[:, :d_inner], zxbcdt[:, d_inner : d_inner + conv_dim]
+        dt_raw = zxbcdt[:, d_inner + conv_dim :]
+        assert dt_raw.shape == (batch, H)
+
+        window = [*history, xBC_in]  # K inputs, window[K-1] is the newest
+        conv = sum(conv_w[:, k] * window[k] for k in range(K))
+        if conv_b is not None:
+            conv = conv + conv_b
+        history = window[1:]
+        xBC = silu(conv)
+        x = xBC[:, :d_inner].reshape(batch, H, P)
+        B_t = xBC[:, d_inner : d_inner + G * N].reshape(batch, G, N)
+        C_t = xBC[:, d_inner + G * N :].reshape(batch, G, N)
+        if mutation == "B_and_C_swapped":
+            B_t, C_t = C_t, B_t
+        x_skip = (
+            xBC_in[:, :d_inner].reshape(batch, H, P) if mutation == "D_skips_the_pre_conv_x" else x
+        )
+        dt = softplus(dt_raw if mutation == "dt_without_bias" else dt_raw + dt_bias)  # (B, H)
+
+        S_next = torch.empty_like(S)
+        y = torch.empty(batch, H, P, dtype=f64)
+        for h in range(H):
+            g = group_of(h)
+            decay = torch.exp(dt[:, h] * A[h])  # (B,)
+            for b in range(batch):
+                inc = torch.outer(x[b, h], B_t[b, g])  # (P, N)
+                if mutation != "input_not_scaled_by_dt":
+                    inc = dt[b, h] * inc
+                S_next[b, h] = decay[b] * S[b, h] + inc
+                read = S[b, h] if mutation == "y_reads_the_previous_state" else S_next[b, h]
+                y[b, h] = read @ C_t[b, g]  # (P,)
+                if mutation != "no_D_skip":
+                    y[b, h] = y[b, h] + D[h] * x_skip[b, h]
+        S = S_next
+
+        y = y.reshape(batch, d_inner)
+        gsize = d_inner if mutation == "ungrouped_norm" else d_inner // G
+        if mutation == "norm_before_gate":
+            normed = rmsnorm(y, norm_w, gsize) * silu(z)
+        else:
+            normed = rmsnorm(y * silu(z), norm_w, gsize)
+        out = normed @ W_out.T
+        if b_out is not None:
+            out = out + b_out
+        outputs.append(out)
+    return torch.stack(outputs, 1), torch.stack(history, -1), S
+
+
+REFERENCE_CONFIGS = {
+    # ngroups=2 with 2 heads per group, P=8 != N=5, chunk 8 does not divide L=21
+    "G2_H4": {"d_model": 16, "d_state": 5, "headdim": 8, "ngroups": 2, "chunk_size": 8},
+    # one head per group, projections with bias, a narrower conv, chunk 3
+    "G4_H4_bias": {
+        "d_model": 8,
+        "d_state": 3,
+        "headdim": 4,
+        "ngroups": 4,
+        "chunk_size": 3,
+        "d_conv": 3,
+        "bias": True,
+    },
+}
+
+
+def _reference_setup(name: str, seed: int = 0) -> tuple[Mamba2, torch.Tensor, Mamba2State]:
+    """A float64 layer with every parameter random (nothing left at a 0/1 init), an input
+    of length 21 and a random carried state."""
+    torch.manual_seed(seed)
+    cfg = Mamba2Config(backend="torch", **REFERENCE_CONFIGS[name])
+    layer = Mamba2(cfg).double()
+    H = cfg.nheads
+    with torch.no_grad():
+        layer.A_log.copy_(torch.empty(H, dtype=torch.float64).uniform_(-1.5, 1.0))
+        layer.dt_bias.copy_(torch.empty(H, dtype=torch.float64).uniform_(-2.5, 0.5))
+        layer.D.copy_(torch.empty(H, dtype=torch.float64).uniform_(-1.5, 1.5))
+        layer.norm.weight.copy_(torch.empty(cfg.d_inner, dtype=torch.float64).uniform_(0.3, 2.0))
+        layer.conv1d.weight.mul_(2.0)
+        if layer.conv1d.bias is not None:
+            layer.conv1d.bias.uniform_(-0.5, 0.5)
+        for p in layer.parameters():
+            assert p.dtype == torch.float64
+    batch = 2
+    u = torch.randn(batch, 21, cfg.d_model, dtype=torch.float64)
+    state0 = Mamba2State(
+        torch.randn(batch, cfg.conv_dim, cfg.d_conv - 1, dtype=torch.float64),
+        torch.randn(batch, H, cfg.headdim, cfg.d_state, dtype=torch.float64),
+    )
+    return layer, u, state0
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype == torch.float64
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def _layer_paths(layer: Mamba2, u: torch.Tensor, state0: Mamba2State) -> dict:
+    """{path: (y, state)} for the whole-sequence forward, chunks with the carried state (cut
+    off the chunk grid, including a length-1 piece), and step-by-step."""
+    with torch.no_grad():
+        full = layer(u, state0)
+        ys, state = [], state0
+        for lo, hi in [(0, 4), (4, 5), (5, 16), (16, 21)]:
+            y, state = layer(u[:, lo:hi], state)
+            ys.append(y)
+        chunked = (torch.cat(ys, 1), state)
+        ys, state = [], state0
+        for t in range(u.shape[1]):
+            y, state = layer.step(u[:, t], state)
+            ys.append(y)
+        stepped = (torch.stack(ys, 1), state)
+    return {"full": full, "chunked": chunked, "step": stepped}
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_CONFIGS))
+def test_recurrence_reference_full_chunked_and_step_match(name: str) -> None:
+    layer, u, state0 = _reference_setup(name)
+    y_ref, _, _ = _recurrence_reference(layer, u, state0.conv_state, state0.ssm_state)
+    assert y_ref.abs().max() > 0.1  # a real signal, not all ~0
+    for path, (y, _) in _layer_paths(layer, u, state0).items():
+        assert _rel_err(y, y_ref) < 1e-10, (path, _rel_err(y, y_ref))
+
+
+@pytest.mark.parametrize("name", list(REFERENCE_CONFIGS))
+def test_recurrence_reference_final_state(name: str) -> None:
+    layer, u, state0 = _reference_setup(name)
+    _, conv_ref, ssm_ref = _recurrence_reference(layer, u, state0.conv_state, state0.ssm_state)
+    # the last K-1 pre-activation inputs: exactly the in_proj outputs, no recurrence involved
+    for path, (_, state) in _layer_paths(layer, u, state0).items():
+        assert state.conv_state.shape == conv_ref.shape
+        assert state.ssm_state.shape == ssm_ref.shape
+        assert _rel_err(state.conv_state, conv_ref) < 1e-12, path
+        assert _rel_err(state.ssm_state, ssm_ref) < 1e-10, (
+            path,
+            _rel_err(state.ssm_state, ssm_ref),
+        )
+
+
+def test_recurrence_reference_from_zero_state_matches_layer_with_no_state() -> None:
+    layer, u, _ = _reference_setup("G2_H4", seed=1)
+    zero = layer.init_state(u.shape[0])
+    y_ref, conv_ref, ssm_ref = _recurrence_reference(layer, u, zero.conv_state, zero.ssm_state)
+    with torch.no_grad():
+        y, state = layer(u)
+    assert _rel_err(y, y_ref) < 1e-10
+    assert _rel_err(state.conv_state, conv_ref) < 1e-12
+    assert _rel_err(state.ssm_state, ssm_ref) < 1e-10
+
+
+@pytest.mark.parametrize("mutation", REFERENCE_MUTATIONS)
+def test_recurrence_reference_is_sensitive_to_each_mutation(mutation: str) -> None:
+    # the comparison above is only as strong as the reference: each plausible mistake, put into
+    # the reference, moves its output by orders of magnitude more than the 1e-10 tolerance,
+    # so the layer matching the unmutated reference rules every one of them out
+    name = "G2_H4"
+    layer, u, state0 = _reference_setup(name)
+    args = (layer, u, state0.conv_state, state0.ssm_state)
+    y_ref, _, ssm_ref = _recurrence_reference(*args)
+    y_mut, _, ssm_mut = _recurrence_reference(*args, mutation=mutation)
+    assert _rel_err(y_mut, y_ref) > 1e-3, (mutation, _rel_err(y_mut, y_ref))
+    with torch.no_grad():
+        y_layer, _ = layer(u, state0)
+    assert _rel_err(y_layer, y_mut) > 1e-3

@@ -9,7 +9,10 @@ Objectives, and why:
 - sigma: the gamma objective (log link) on the realized VARIANCE `fwd_vol_<W>`^2; the forecast is
   the square root of the predicted variance. Gamma deviance on variance is exactly QLIKE, the
   loss volatility forecasts are scored with, and it fits E[variance | x] directly, where a
-  regression on log(vol) would fit its geometric mean and be biased low.
+  regression on log(vol) would fit its geometric mean and be biased low. The booster starts
+  from the EWMA(0.94) variance of past returns (its log as the init score, an offset of the
+  log link), so the trees learn a multiplicative correction to it: trees cannot extrapolate
+  levels, and volatility levels differ tenfold between calm and wild years.
 - returns: one booster per horizon with the Huber objective on `fwd_ret_<h>`, early-stopped on
   validation MSE. Returns are fat-tailed; Huber keeps a handful of crash days from steering the
   trees, and its threshold is `huber_k` robust standard deviations (1.4826 x MAD) of that
@@ -38,7 +41,7 @@ from ml.forecasters.base import (
 )
 from ml.gbm import GBMConfig
 
-LIGHTGBM_FORECASTER_CODE_VERSION = "1"
+LIGHTGBM_FORECASTER_CODE_VERSION = "2"
 MIN_TRAIN_ROWS, MIN_VAL_ROWS = 100, 20
 # ~10 folds are fitted in one 30-minute evaluation on 2 cores: a faster schedule than
 # GBMConfig's default keeps each fold's eight boosters within a few seconds;
@@ -79,6 +82,7 @@ class _Task:
     label: str
     params: dict
     squared: bool = False  # learn the label squared (variance from volatility)
+    anchored: bool = False  # raw score offset by the log EWMA variance (the sigma booster)
 
 
 @register
@@ -95,6 +99,7 @@ class LightGBMForecaster(Forecaster):
         self._tasks: list[_Task] = []
         self._features: list[str] = []
         self._spec: TargetSpec | None = None
+        self._anchor_fill, self._offset = 0.0, False
 
     def fit(self, data: FoldData) -> LightGBMForecaster:
         """Train one booster per prediction column on `data.train`, each on the rows with a
@@ -115,10 +120,18 @@ class LightGBMForecaster(Forecaster):
                     f"{MIN_VAL_ROWS}); use a longer history or a shorter label horizon"
                 )
         boosters = {}
+        anchor = _log_ewma_variance(data)
+        a_train = _offset(data.train, anchor)
+        fill = float(np.median(a_train)) if a_train.size else 0.0  # training rows only
+        a_val = _offset(data.val, anchor, fill)
         for task in tasks:
             (y_train, keep_train), (y_val, keep_val) = labels[task.name]
-            dtrain = lgb.Dataset(x_train[keep_train], y_train[keep_train])
-            dval = lgb.Dataset(x_val[keep_val], y_val[keep_val], reference=dtrain)
+            offset = task.anchored and anchor is not None
+            init = (a_train[keep_train], a_val[keep_val]) if offset else (None, None)
+            dtrain = lgb.Dataset(x_train[keep_train], y_train[keep_train], init_score=init[0])
+            dval = lgb.Dataset(
+                x_val[keep_val], y_val[keep_val], reference=dtrain, init_score=init[1]
+            )
             boosters[task.name] = lgb.train(
                 task.params,
                 dtrain,
@@ -129,6 +142,7 @@ class LightGBMForecaster(Forecaster):
             )
         self._boosters, self._tasks = boosters, tasks
         self._features, self._spec = features, data.targets
+        self._anchor_fill, self._offset = fill, anchor is not None
         return self
 
     def predict(self, data: FoldData) -> pl.DataFrame:
@@ -144,7 +158,13 @@ class LightGBMForecaster(Forecaster):
         spec = self._spec
         rows = data.scored
         x = _x(rows, self._features)
-        raw = {task.name: self._raw(task.name, x) for task in self._tasks}
+        offset = _offset(rows, _log_ewma_variance(data), self._anchor_fill)
+        raw = {
+            task.name: np.exp(self._raw(task.name, x, raw_score=True) + offset)
+            if task.anchored and self._offset
+            else self._raw(task.name, x)
+            for task in self._tasks
+        }
         columns: dict[str, np.ndarray] = {}
         proba = raw[DIRECTION].reshape(rows.height, len(DIRECTION_COLUMNS))
         columns.update(zip(DIRECTION_COLUMNS, proba.T, strict=True))
@@ -187,9 +207,36 @@ class LightGBMForecaster(Forecaster):
         (`direction` for the multiclass booster)."""
         return {name: int(b.best_iteration) for name, b in self._boosters.items()}
 
-    def _raw(self, name: str, x: np.ndarray) -> np.ndarray:
+    def _raw(self, name: str, x: np.ndarray, raw_score: bool = False) -> np.ndarray:
         booster = self._boosters[name]
-        return np.asarray(booster.predict(x, num_iteration=booster.best_iteration))
+        return np.asarray(
+            booster.predict(x, num_iteration=booster.best_iteration, raw_score=raw_score)
+        )
+
+
+def _log_ewma_variance(data: FoldData) -> pl.DataFrame | None:
+    """log of the EWMA(0.94) variance at each bar, from that bar's and earlier returns; None
+    when the fold has no prices (the sigma booster then fits the variance itself)."""
+    from ml.forecasters.ewma import Ewma
+
+    if "close" not in data.bars.columns:
+        return None
+    sigma = Ewma().sigma(data).filter(pl.col("sigma") > 0)
+    return sigma.select("symbol", "ts", a=(2 * pl.col("sigma").log()))
+
+
+def _offset(
+    rows: pl.DataFrame, anchor: pl.DataFrame | None, fill: float | None = None
+) -> np.ndarray:
+    """The anchor on `rows` (same order); gaps (before the EWMA's seed) filled with `fill`,
+    the training rows' median (when None: these rows' own median, for the training rows)."""
+    if anchor is None:
+        return np.zeros(rows.height)
+    a = rows.select("symbol", "ts").join(anchor, on=["symbol", "ts"], how="left")["a"]
+    values = a.fill_nan(None).to_numpy().astype(np.float64)
+    if fill is None:
+        fill = float(np.nanmedian(values)) if np.isfinite(values).any() else 0.0
+    return np.where(np.isfinite(values), values, fill)
 
 
 def _tasks(spec: TargetSpec, train: pl.DataFrame, cfg: LightGBMForecastConfig) -> list[_Task]:
@@ -202,7 +249,7 @@ def _tasks(spec: TargetSpec, train: pl.DataFrame, cfg: LightGBMForecastConfig) -
         params = {**shared, "objective": "quantile", "alpha": level, "metric": "quantile"}
         tasks.append(_Task(col, QUANTILES, spec.quantile, params))
     sigma = {**shared, "objective": "gamma", "metric": "gamma_deviance"}
-    tasks.append(_Task("sigma", SIGMA, spec.sigma, sigma, squared=True))
+    tasks.append(_Task("sigma", SIGMA, spec.sigma, sigma, squared=True, anchored=True))
     for h in spec.return_horizons:
         label = spec.return_label(h)
         delta = cfg.huber_k * _robust_std(train[label], label)

@@ -20,15 +20,23 @@ import polars as pl
 import torch
 from torch import nn
 
-from ml.backbone import BackboneConfig, MultiTaskLoss
+from ml.backbone import BackboneConfig, MultiTaskLoss, TargetStats
 from ml.backbone import Forecaster as Mamba2Forecaster
 from ml.dataset import TEST, TRAIN, VAL, Standardizer
+from ml.features import ONCHAIN_AGE_COLUMN, FeatureConfig, onchain_feature_columns
 from ml.forecasters.base import ALL_TARGETS, DIRECTION_COLUMNS, FoldData, Forecaster
+from ml.forecasters.ewma import Ewma
 from ml.sequence_baselines import SequenceBaseline, SequenceBaselineConfig
 from ml.sequence_data import SEGMENT_CODE, Lanes, build_lanes
 from ml.trainer import Sequences, TrainConfig, Trainer
 
-SEQUENCE_CODE_VERSION = "1"
+SEQUENCE_CODE_VERSION = "2"
+
+
+def is_onchain_column(name: str) -> bool:
+    """Whether a feature column comes from the on-chain inputs."""
+    base = {*onchain_feature_columns(FeatureConfig()), ONCHAIN_AGE_COLUMN}
+    return name in base or name.startswith("active_addresses_growth_")
 
 
 def _baseline(kind: str) -> Callable[[BackboneConfig], nn.Module]:
@@ -51,8 +59,21 @@ class SequenceSettings:
     epochs: int = 8
     tbptt_len: int = 128
     lr: float = 2e-3
+    weight_decay: float = 0.01  # AdamW, on the weight matrices only
+    dropout: float = 0.0  # on every residual branch of the backbone
     patience: int = 3
+    # the validation metric that keeps the best epoch and stops early (see TrainConfig.monitor)
+    monitor: str = "direction"
+    min_steps: int = 100  # optimizer steps past warm-up before early stopping may stop
     device: str = "auto"  # auto: CUDA when present
+    amp: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; predictions run the same way
+    # ablation switches (docs/ABLATIONS.md); the defaults are what the ablations chose
+    stateful: bool = True  # False: the state restarts every tbptt_len bars (a windowed encoder)
+    # heads in units of EWMA(0.94) volatility from past returns (see LayerStack._heads)
+    sigma_anchor: bool = True
+    lane_norm: bool = False  # True: standardize each lane with its own training rows
+    onchain: bool = True  # False: drop the on-chain inputs
+    early_stopping: bool = True  # False: keep the last epoch (no choice made on validation rows)
     # CPU threads of the training process; 1 by default because the Mamba2 and baseline steps
     # train side by side (two processes on 2 cores; more threads each only spin)
     threads: int = 1
@@ -61,6 +82,11 @@ class SequenceSettings:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def precision(self) -> str:
+        """What training, validation and prediction compute in: "bf16" (autocast) or "fp32"."""
+        on_cuda = self.torch_device().type == "cuda"
+        return "bf16" if self.amp == "bf16" or (self.amp == "auto" and on_cuda) else "fp32"
 
     def to_json(self) -> dict:
         return {"code_version": SEQUENCE_CODE_VERSION, **asdict(self)}
@@ -77,6 +103,10 @@ class SequenceForecaster(Forecaster):
         self.kind, self.seed = kind, seed
         self.settings = settings or SequenceSettings()
         self.model: nn.Module | None = None
+        self.scaler: Standardizer | None = None
+        self.lane_scalers: dict[str, Standardizer] | None = None
+        self.anchor_fill: dict[str, float] | None = None
+        self.precision: str | None = None  # as fitted, validated and so predicted
         self.history: list[dict] = []
         self.summary: dict = {}
 
@@ -84,7 +114,13 @@ class SequenceForecaster(Forecaster):
     def name(self) -> str:  # type: ignore[override]
         return self.kind
 
-    def _lanes(self, data: FoldData, scaler: Standardizer | None = None) -> Lanes:
+    def feature_columns(self, data: FoldData) -> list[str]:
+        """The fold's inputs this model reads (without the on-chain ones when onchain=False)."""
+        if self.settings.onchain:
+            return list(data.feature_columns)
+        return [c for c in data.feature_columns if not is_onchain_column(c)]
+
+    def _lanes(self, data: FoldData, fitted: bool = False) -> Lanes:
         if data.inputs is None:
             raise ValueError(f"Fold {data.key} has no input history; build it with fold_data()")
         t = data.targets
@@ -95,13 +131,23 @@ class SequenceForecaster(Forecaster):
             data.inputs,
             labels,
             data.rows.select(["symbol", "ts", "split"]),
-            data.feature_columns,
+            self.feature_columns(data),
             self._horizons(t),
             t.direction,
             quantile_col=t.quantile,
             sigma_col=t.sigma,
-            scaler=scaler,
+            scaler=self.scaler if fitted else None,  # features scaled as in training
+            per_lane=self.settings.lane_norm,
+            lane_scalers=self.lane_scalers if fitted else None,
+            anchor=self._anchor(data) if self.settings.sigma_anchor else None,
+            anchor_fill=self.anchor_fill if fitted else None,
         )
+
+    @staticmethod
+    def _anchor(data: FoldData) -> pl.DataFrame:
+        """log EWMA(0.94) sigma at each bar, from that bar's and earlier returns only."""
+        ewma = Ewma().sigma(data)
+        return ewma.select("symbol", "ts", log_sigma=pl.col("sigma").log())
 
     @staticmethod
     def _horizons(t) -> tuple[int, ...]:
@@ -110,9 +156,11 @@ class SequenceForecaster(Forecaster):
     def config(self, data: FoldData) -> BackboneConfig:
         return BackboneConfig.preset(
             self.settings.preset,
-            len(data.feature_columns),
+            len(self.feature_columns(data)),
             horizons=self._horizons(data.targets),
             quantiles=data.targets.quantile_levels,
+            dropout=self.settings.dropout,
+            sigma_anchor=self.settings.sigma_anchor,
         )
 
     def train_config(self) -> TrainConfig:
@@ -121,8 +169,14 @@ class SequenceForecaster(Forecaster):
             tbptt_len=s.tbptt_len,
             epochs=s.epochs,
             lr=s.lr,
+            weight_decay=s.weight_decay,
             seed=self.seed,
-            patience=s.patience,
+            monitor=s.monitor,
+            min_steps=s.min_steps,
+            stateful=s.stateful,
+            restore_best=s.early_stopping,
+            patience=s.patience if s.early_stopping else s.epochs + 1,
+            amp="bf16" if s.precision() == "bf16" else "off",
             progress=False,
         )
 
@@ -135,25 +189,38 @@ class SequenceForecaster(Forecaster):
         device = self.settings.torch_device()
         lanes = self._lanes(data)
         cfg = self.config(data)
+        train = lanes.sequences(TRAIN)
+        stats = target_stats(train, cfg)
         torch.manual_seed(self.seed)
         model = self.build(data)
-        loss = MultiTaskLoss(cfg.quantiles).to(device)
+        model.calibrate(stats)  # every head starts at the training targets' constants
+        loss = MultiTaskLoss(cfg.quantiles, n_horizons=len(cfg.horizons)).to(device)
+        loss.calibrate(stats)
         with tempfile.TemporaryDirectory() as tmp:
             result = Trainer(
                 model,
                 loss,
-                _to(lanes.sequences(TRAIN), device),
-                _to(lanes.sequences(VAL), device),
+                [_to(s, device) for s in train],
+                [_to(s, device) for s in lanes.sequences(VAL)],
                 self.train_config(),
                 checkpoint_dir=Path(tmp),
             ).fit(resume=False)
-        self.model, self.loss, self.scaler = model, loss, lanes.scaler
+        self.model, self.loss = model, loss
+        self.scaler, self.lane_scalers = lanes.scaler, lanes.lane_scalers
+        self.anchor_fill, self.precision = lanes.anchor_fill, self.settings.precision()
         self.history = result.history
         self.summary = {
             "best_val_loss": result.best_val_loss,
+            "monitor": result.monitor,
+            "best_epoch": result.best_epoch,
+            "best_val": result.best_val,
             "epochs_run": result.epochs_run,
             "steps": result.steps,
+            "stopped_early": result.stopped_early,
+            "task_weights": loss.weights(),
             "parameters": sum(p.numel() for p in model.parameters()),
+            "device": str(device),
+            "precision": self.settings.precision(),
         }
         return self
 
@@ -162,32 +229,36 @@ class SequenceForecaster(Forecaster):
         if self.model is None:
             raise RuntimeError(f"{self.kind} seed {self.seed}: fit() before predict()")
         device = self.settings.torch_device()
-        lanes = self._lanes(data, scaler=self.scaler)  # features scaled as in training
+        lanes = self._lanes(data, fitted=True)
         self.model.eval()
-        state, parts = None, []
-        for start in range(0, lanes.x.shape[1], self.settings.tbptt_len):
-            out, state = self.model(
-                lanes.x[:, start : start + self.settings.tbptt_len].to(device), state
-            )
-            parts.append({k: v.float().cpu() for k, v in out.items()})
-        out = {k: torch.cat([p[k] for p in parts], dim=1).numpy() for k in parts[0]}
-        probs = torch.softmax(torch.from_numpy(out["direction"]), dim=-1).numpy()
         horizons = self._horizons(data.targets)
         t = data.targets
+        L = self.settings.tbptt_len
         frames = []
-        for b, symbol in enumerate(lanes.symbols):
-            n = lanes.ts[b].len()
-            keep = np.isin(lanes.segment[b, :n].numpy(), [SEGMENT_CODE[VAL], SEGMENT_CODE[TEST]])
-            cols = {f"{c}": probs[b, :n][keep, k] for k, c in enumerate(DIRECTION_COLUMNS)}
-            lo, hi = t.quantile_columns
-            cols[lo] = out["quantiles"][b, :n, 0][keep]
-            cols[hi] = out["quantiles"][b, :n, -1][keep]
-            cols["sigma"] = out["sigma"][b, :n][keep]
-            for h in t.return_horizons:
-                cols[t.return_column(h)] = out["returns"][b, :n, horizons.index(h)][keep]
-            frames.append(
-                pl.DataFrame({"symbol": symbol, "ts": lanes.ts[b].filter(pl.Series(keep)), **cols})
-            )
+        for group in lanes.groups:
+            state, parts = None, []
+            for start in range(0, group.x.shape[1], L):
+                with _autocast(device, self.precision):  # as the model was validated
+                    out, state = self.model(
+                        group.x[:, start : start + L].to(device),
+                        state if self.settings.stateful else None,  # windowed: restart
+                    )
+                parts.append({k: v.float().cpu() for k, v in out.items()})
+            out = {k: torch.cat([p[k] for p in parts], dim=1).numpy() for k in parts[0]}
+            probs = torch.softmax(torch.from_numpy(out["direction"]), dim=-1).numpy()
+            scored = np.isin(group.segment.numpy(), [SEGMENT_CODE[VAL], SEGMENT_CODE[TEST]])
+            for b, symbol in enumerate(group.symbols):
+                keep = np.flatnonzero(scored[b])
+                cols = {f"{c}": probs[b, keep, k] for k, c in enumerate(DIRECTION_COLUMNS)}
+                lo, hi = t.quantile_columns
+                cols[lo] = out["quantiles"][b, keep, 0]
+                cols[hi] = out["quantiles"][b, keep, -1]
+                cols["sigma"] = out["sigma"][b, keep]
+                for h in t.return_horizons:
+                    cols[t.return_column(h)] = out["returns"][b, keep, horizons.index(h)]
+                frames.append(
+                    pl.DataFrame({"symbol": symbol, "ts": group.calendar.gather(keep), **cols})
+                )
         pred = pl.concat(frames).with_columns(pl.col(pl.Float32).cast(pl.Float64))
         # the contract: exactly the scored rows, in their order
         return data.scored.select(["symbol", "ts"]).join(
@@ -198,6 +269,24 @@ class SequenceForecaster(Forecaster):
         if self.model is None:
             raise RuntimeError("fit() first")
         return {"model": self.model.state_dict(), "loss": self.loss.state_dict()}
+
+
+def _autocast(device: torch.device, precision: str | None):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def target_stats(groups: list[Sequences], cfg: BackboneConfig) -> TargetStats:
+    """The training targets' constants over every lane group (only the counted rows)."""
+
+    def flat(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(1, -1, *t.shape[2:])
+
+    targets = {k: torch.cat([flat(s.targets[k]) for s in groups], 1) for k in groups[0].targets}
+    keep = torch.cat([flat(s.loss_mask) for s in groups], 1)
+    anchor = torch.cat([flat(s.x[..., -1]) for s in groups], 1) if cfg.sigma_anchor else None
+    return TargetStats.from_targets(
+        targets, cfg.horizons, cfg.quantiles, cfg.n_direction_classes, keep=keep, anchor=anchor
+    )
 
 
 def _to(seq: Sequences, device: torch.device) -> Sequences:

@@ -3,15 +3,49 @@
 One path per seed is generated over a fixed horizon and sliced, so fetching any window gives the
 same rows as fetching a larger window and cutting it: partitions and backfills agree.
 
-Stylized facts built in: GARCH(1,1) volatility clustering, Student-t (fat-tailed) shocks, a
-Markov regime (bull / bear / range) that makes trends, stocks on a business-day calendar with
-overnight gaps and a shared market factor, on-chain activity and hash rate coupled to price with
-difficulty retargeting every 14 days, and macro series published one day after observation.
+Stylized facts built in: volatility clustering, fat-tailed shocks, a Markov regime (bull / bear /
+range) that makes trends, stocks on a business-day calendar with overnight gaps and a shared
+market factor, on-chain activity and hash rate coupled to price with difficulty retargeting every
+14 days, and macro series published one day after observation.
+
+BTC-USD is calibrated to Bitstamp BTC/USD daily log returns 2015-01-01..2025-06-30 (annualized
+volatility, negative skew, kurtosis, clustering of |r|; the figures are in
+tests/test_synthetic.py). Its daily log return is
+
+    r_t = L(mu_t + sigma_t * m_t * z_t)
+    sigma_{t+1}^2 = omega + (alpha + gamma * [e_t < 0]) * e_t^2 + beta * sigma_t^2,
+    e_t = (r_t - mu_t) / m_t
+
+with z_t Hansen's skewed Student-t (zero mean, unit variance, df 4.5, lambda -0.1: the longer
+tail on the downside), the GJR leverage term gamma (a fall raises volatility more than a rise),
+mu_t the regime drift less 0.8 x the change of the dollar index known that day, m_t the regime
+volatility multiplier, and L a soft limit: moves inside [-0.20, +0.12] pass unchanged, beyond
+them a tanh saturates towards -0.45 / +0.23, inside the real daily records (-0.494 on 2020-03-12,
++0.238 on 2017-07-20), so no single day wipes out a position the real market would not have.
+Every moment of the limited return is finite, which keeps the sample kurtosis from exploding
+with one draw the way an unbounded t(4) does. Stocks keep GARCH(1,1) with Student-t shocks.
+
+Planted signal (off by default, `planted` = strength k >= 0; 1 = the documented strength). A
+driver s_t, AR(1) with s_t = 0.98 s_{t-1} + sqrt(1 - 0.98^2) e_t (unit stationary variance),
+comes from its own random stream, so it changes nothing else's draws. With k > 0:
+
+    log(tx_count_t / active_addresses_t) += 0.08 * s_t            (published, on-chain day t)
+    mu_t += k * 0.003 * s_{t-2}                                   (BTC-USD drift on day t)
+    m_t  *= exp(k * 0.2 * s_{t-2} - (k * 0.2)^2)                  (BTC-USD volatility on day t)
+
+The features of bar d read on-chain day d-1 (`tx_per_active_address`) and the forward return of
+bar d starts with day d+1's return, which moves with s_{d-1}: the value is visible before the
+close of bar d and moves nothing up to it. At k = 1 one standard deviation of s shifts the
+expected 90-day log return by about 0.003 * (1 - 0.98^90) / 0.02 = 0.126 and the day's
+volatility by about +17% / -21% (the -(k * 0.2)^2 keeps the mean variance unchanged). With
+k = 0 the driver enters nothing and the market is the unplanted one bit for bit.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
@@ -33,14 +67,59 @@ class SymbolSpec:
     beta: float = 0.0  # loading on the shared stock-market factor
 
 
+@dataclass(frozen=True)
+class ShockModel:
+    """GJR-GARCH(1,1) with Hansen skewed-t shocks and a soft limit on the daily log move."""
+
+    df: float  # Student-t degrees of freedom of the shocks (> 2)
+    skew: float  # Hansen's lambda in (-1, 1); < 0 puts the longer tail on the downside
+    alpha: float  # ARCH response to every squared shock
+    gamma: float  # extra response to negative shocks (the leverage effect)
+    beta: float  # persistence of the conditional variance
+    knee_up: float  # daily log moves inside [-knee_down, knee_up] pass unchanged ...
+    limit_up: float  # ... and beyond the knee saturate smoothly towards the limit
+    knee_down: float
+    limit_down: float
+
+
 SYMBOLS: dict[str, SymbolSpec] = {
-    "BTC-USD": SymbolSpec("crypto", 120.0, 0.035),
+    "BTC-USD": SymbolSpec("crypto", 120.0, 0.037),
     "ACME": SymbolSpec("stock", 40.0, 0.012, beta=1.1),
     "GLBX": SymbolSpec("stock", 85.0, 0.010, beta=0.7),
 }
 ONCHAIN_ASSETS = ("BTC",)
 MACRO_SERIES = ("DTWEXBGS", "DGS10", "DGS2", "T10Y2Y")
-_STREAM = {"macro": 1, "market": 2, "onchain": 3, "BTC-USD": 10, "ACME": 11, "GLBX": 12}
+_STREAM = {
+    "macro": 1,
+    "market": 2,
+    "onchain": 3,
+    "BTC-USD": 10,
+    "ACME": 11,
+    "GLBX": 12,
+    "planted": 20,
+}
+
+# BTC-USD daily shocks, calibrated to Bitstamp BTC/USD daily log returns 2015-01-01..2025-06-30
+# (see tests/test_synthetic.py for the real figures): the limits stay inside the real records
+# (+0.238 and -0.494), and the downside gets the longer tail.
+BTC_SHOCKS = ShockModel(
+    df=4.5,
+    skew=-0.1,
+    alpha=0.06,
+    gamma=0.08,
+    beta=0.85,
+    knee_up=0.12,
+    limit_up=0.23,
+    knee_down=0.20,
+    limit_down=0.45,
+)
+
+# The planted signal (off unless `planted` > 0), per unit of strength; see the module docstring.
+PLANTED_PHI = 0.98  # AR(1) persistence of the driver s_t (unit stationary variance)
+PLANTED_LAG = 2  # day t's return and volatility move with s_{t-2}
+PLANTED_K_MU = 0.003  # daily log-return drift per unit of s: about +0.126 over 90 days
+PLANTED_K_SIG = 0.2  # log volatility multiplier per unit of s
+PLANTED_C_OBS = 0.08  # log(tx_count / active_addresses) per unit of s (not scaled by strength)
 
 
 def check_symbols(
@@ -60,13 +139,29 @@ def check_symbols(
     )
 
 
-class SyntheticMarket:
-    """Deterministic for a seed: the same seed always gives the same history."""
+def check_planted(planted: object) -> float:
+    """The planted-signal strength as a float: a finite number >= 0 (0 turns it off)."""
+    if (
+        isinstance(planted, bool)
+        or not isinstance(planted, numbers.Real)
+        or not math.isfinite(planted)
+        or planted < 0
+    ):
+        raise SourceError(
+            f"Synthetic option 'planted' (planted-signal strength) must be a finite number "
+            f">= 0 (0 = off, 1 = the documented strength), got {planted!r}"
+        )
+    return float(planted)
 
-    def __init__(self, seed: int = 42) -> None:
+
+class SyntheticMarket:
+    """Deterministic for a seed and planted strength: the same ones always give the same history."""
+
+    def __init__(self, seed: int = 42, planted: float = 0.0) -> None:
         if not isinstance(seed, int) or seed < 0:
             raise SourceError(f"Synthetic seed must be a non-negative integer, got {seed!r}")
         self.seed = seed
+        self.planted = check_planted(planted)
 
     def _rng(self, stream: str) -> np.random.Generator:
         return np.random.default_rng([self.seed, _STREAM[stream]])
@@ -80,6 +175,27 @@ class SyntheticMarket:
     def _business_days() -> np.ndarray:
         days = SyntheticMarket._days()
         return days[np.is_busday(days)]
+
+    # -- the planted driver ----------------------------------------------------------------
+    @functools.cached_property
+    def _driver(self) -> np.ndarray:
+        """s_t, one per calendar day: AR(1) with unit stationary variance, from its own stream.
+
+        Drawn whatever the strength; it enters nothing unless `planted` > 0."""
+        rng = self._rng("planted")
+        e = rng.standard_normal(len(self._days()))
+        s = np.empty_like(e)
+        s[0] = e[0]  # the stationary distribution, N(0, 1)
+        scale = math.sqrt(1 - PLANTED_PHI**2)
+        for t in range(1, len(e)):
+            s[t] = PLANTED_PHI * s[t - 1] + scale * e[t]
+        return s
+
+    def planted_driver(self) -> pl.DataFrame:
+        """The planted driver s_t by calendar date (date, driver): published in on-chain day t's
+        tx_count when `planted` > 0, and moving BTC-USD from day t + PLANTED_LAG on."""
+        dates = pl.Series("date", self._days()).cast(pl.Date)
+        return pl.DataFrame({"date": dates, "driver": self._driver})
 
     # -- macro -----------------------------------------------------------------------------
     @functools.cached_property
@@ -118,13 +234,20 @@ class SyntheticMarket:
             n = len(days)
             reg = _markov_regimes(rng, n, stay=1 - 1 / 120)
             drift = np.array([0.0030, -0.0025, 0.0002])[reg]
-            vol_mult = np.array([0.9, 1.35, 0.65])[reg]
+            vol_mult = np.array([0.95, 1.25, 0.75])[reg]
             # The dollar index as it was known on each day (published one day after observation)
             # weighs on crypto: a real, lagged cross-asset effect for features to find.
             dxy = self._dxy_known_on(days)
             dxy_change = np.concatenate([[0.0], np.diff(np.log(dxy))])
             drift = drift - 0.8 * dxy_change
-            ret = _garch_returns(rng, n, spec.daily_vol, drift, vol_mult, df=4.0)
+            if self.planted > 0:
+                # day t moves with s_{t-2}: on-chain day t-2 is in the features of bar t-1,
+                # whose forward return starts with day t
+                s = np.concatenate([np.zeros(PLANTED_LAG), self._driver])[:n]
+                k_sig = self.planted * PLANTED_K_SIG
+                drift = drift + self.planted * PLANTED_K_MU * s
+                vol_mult = vol_mult * np.exp(k_sig * s - k_sig**2)
+            ret = _gjr_returns(rng, n, spec.daily_vol, drift, vol_mult, BTC_SHOCKS)
             gap = np.zeros(n)  # trades around the clock: each bar opens at the previous close
         else:
             days = self._business_days()
@@ -204,7 +327,10 @@ class SyntheticMarket:
             + _ar1(rng, n, 0.8, 0.06)
         )
         active = np.exp(log_aa)
-        tx = active * 1.4 * np.exp(_ar1(rng, n, 0.5, 0.05))
+        tx_noise = _ar1(rng, n, 0.5, 0.05)
+        if self.planted > 0:  # publishes the driver: log(tx / active) moves with s_t
+            tx_noise = tx_noise + PLANTED_C_OBS * self._driver
+        tx = active * 1.4 * np.exp(tx_noise)
         congestion = np.log(tx) - _ewma(np.log(tx), 1 / 90)
         fees = 2e-5 * tx * np.exp(3.0 * congestion + _ar1(rng, n, 0.6, 0.15))
         utxo = 2e6 + np.cumsum(0.08 * tx * np.exp(rng.normal(0, 0.1, n)))
@@ -248,6 +374,7 @@ class SyntheticOHLCV:
 
     symbols: tuple[str, ...] = tuple(SYMBOLS)
     seed: int = 42
+    planted: float = 0.0  # planted-signal strength: 0 off, 1 documented
     timeframe: str = "1d"
     name: str = "synthetic"
     table: str = "ohlcv"
@@ -255,7 +382,8 @@ class SyntheticOHLCV:
     def __post_init__(self) -> None:
         self.symbols = check_symbols(self.symbols, tuple(SYMBOLS), "symbols")
         check_timeframe(self.timeframe, ("1d", *_MINUTES), "synthetic")
-        self._market = _market(self.seed)
+        self.planted = check_planted(self.planted)
+        self._market = _market(self.seed, self.planted)
 
     @property
     def entities(self) -> tuple[str, ...]:
@@ -279,12 +407,14 @@ class SyntheticOHLCV:
 class SyntheticOnchain:
     assets: tuple[str, ...] = ONCHAIN_ASSETS
     seed: int = 42
+    planted: float = 0.0  # planted-signal strength: 0 off, 1 documented
     name: str = "synthetic"
     table: str = "onchain"
 
     def __post_init__(self) -> None:
         self.assets = check_symbols(self.assets, ONCHAIN_ASSETS, "on-chain assets")
-        self._market = _market(self.seed)
+        self.planted = check_planted(self.planted)
+        self._market = _market(self.seed, self.planted)
 
     @property
     def entities(self) -> tuple[str, ...]:
@@ -299,12 +429,14 @@ class SyntheticOnchain:
 class SyntheticMacro:
     series: tuple[str, ...] = MACRO_SERIES
     seed: int = 42
+    planted: float = 0.0  # planted-signal strength: 0 off, 1 documented
     name: str = "synthetic"
     table: str = "macro"
 
     def __post_init__(self) -> None:
         self.series = check_symbols(self.series, MACRO_SERIES, "macro series")
-        self._market = _market(self.seed)
+        self.planted = check_planted(self.planted)
+        self._market = _market(self.seed, self.planted)
 
     @property
     def entities(self) -> tuple[str, ...]:
@@ -364,9 +496,9 @@ def _intraday(
     )
 
 
-@functools.lru_cache(maxsize=4)
-def _market(seed: int) -> SyntheticMarket:
-    return SyntheticMarket(seed)
+@functools.lru_cache(maxsize=8)
+def _market(seed: int, planted: float = 0.0) -> SyntheticMarket:
+    return SyntheticMarket(seed, planted)
 
 
 # -- stochastic building blocks ----------------------------------------------------------------
@@ -400,6 +532,55 @@ def _garch_returns(
         eps = np.sqrt(var) * vol_mult[t] * z[t]
         out[t] = drift[t] + eps
         var = omega + alpha * (eps / vol_mult[t]) ** 2 + beta * var
+    return out
+
+
+def _skewed_t(rng: np.random.Generator, n: int, df: float, lam: float) -> np.ndarray:
+    """Hansen's (1994) skewed Student-t, zero mean and unit variance.
+
+    y = bz + a is a two-piece t: a unit-variance t scaled by (1 - lam) below zero, drawn with
+    probability (1 - lam) / 2, and by (1 + lam) above it."""
+    w = np.abs(rng.standard_t(df, n)) * np.sqrt((df - 2) / df)
+    left = rng.random(n) < (1 - lam) / 2
+    y = np.where(left, -(1 - lam) * w, (1 + lam) * w)
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(math.pi * (df - 2))
+    a = 4 * lam * c * (df - 2) / (df - 1)
+    b = math.sqrt(1 + 3 * lam**2 - a**2)
+    return (y - a) / b
+
+
+def _soft_limit(x: float, knee: float, limit: float) -> float:
+    """x up to `knee` unchanged; above it a tanh, smooth at the knee, that never passes `limit`."""
+    if x <= knee:
+        return x
+    room = limit - knee
+    return knee + room * math.tanh((x - knee) / room)
+
+
+def _gjr_returns(
+    rng: np.random.Generator,
+    n: int,
+    daily_vol: float,
+    drift: np.ndarray,
+    vol_mult: np.ndarray,
+    m: ShockModel,
+) -> np.ndarray:
+    """GJR-GARCH(1,1) log returns with skewed-t shocks, each day's move softly limited.
+
+    The variance recursion sees the limited shock with the day's multiplier divided out, so
+    `vol_mult` (regimes, the planted signal) scales a day's move without feeding later variance."""
+    z = _skewed_t(rng, n, m.df, m.skew)
+    # unconditional variance daily_vol**2, counting half the shocks as negative
+    omega = daily_vol**2 * (1 - m.alpha - m.gamma / 2 - m.beta)
+    out = np.empty(n)
+    var = daily_vol**2
+    for t in range(n):
+        raw = drift[t] + math.sqrt(var) * vol_mult[t] * z[t]
+        r = _soft_limit(raw, m.knee_up, m.limit_up)
+        r = -_soft_limit(-r, m.knee_down, m.limit_down)
+        out[t] = r
+        e = (r - drift[t]) / vol_mult[t]
+        var = omega + (m.alpha + (m.gamma if e < 0 else 0.0)) * e * e + m.beta * var
     return out
 
 
