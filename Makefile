@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
 DATA_DIR ?= $(CURDIR)/data
 PORT ?= 3000
-DEMO_RANGE ?= 2015-01-01...2024-12-31
+DEMO_RANGE ?= 2019-01-01...2024-12-31
 # make evaluate: the real files, in a data directory of their own (the demo's stays as it was)
 DATA ?= ../shared/data
 EVAL_DIR ?= $(CURDIR)/data-evaluate
@@ -44,7 +44,7 @@ $(DAGSTER_HOME)/dagster.yaml: pipelines/dagster.yaml | setup
 	# Create the SQLite schemas now: two runs starting at once on a fresh instance would race.
 	$(BIN)/dagster instance migrate > /dev/null
 
-## demo: set up, materialize every asset over ten years of the synthetic market (the last two
+## demo: set up, materialize every asset over six years of the synthetic market (the last two
 ## walk-forward folds), print results
 demo: setup instance
 	$(BIN)/python -m pipelines.run demo --range $(DEMO_RANGE)

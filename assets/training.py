@@ -208,7 +208,7 @@ class SequenceModelSettings(dg.Config):
     amp: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     threads: int = 1  # CPU threads per training process (Mamba2 and the baselines run side by side)
     stateful: bool = True  # False: the state restarts every tbptt_len bars
-    lane_norm: bool = False  # standardize each lane with its own training rows
+    lane_norm: bool = True  # standardize each lane with its own training rows (False: pooled)
     onchain: bool = True  # False: leave out the on-chain inputs
     sigma_anchor: bool = True  # heads in units of EWMA volatility from past returns
 

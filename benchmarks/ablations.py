@@ -1,20 +1,25 @@
 """Ablations of the Mamba2 recipe, scored on validation rows only (never the test rows).
 
     python benchmarks/ablations.py --data-dir data-evaluate --folds 2022 2023 2024 --seeds 0 1
-    python benchmarks/ablations.py --data-dir data --folds 2023 2024 --variants default lane_norm
+    python benchmarks/ablations.py --data-dir data --folds 2022 2023 2024 --variants default pooled_norm
 
 Reads the training dataset a `make evaluate` (or `make demo`) run left in the data directory's
-lake, and for every (variant, fold, seed) fits Mamba2 on the fold's training rows for a fixed
-number of epochs (no early stopping, so no choice is made on the rows scored here), predicts
-the fold's validation rows and scores them next to climatology and EWMA(0.94) on the same rows.
+lake. Each fold's validation window is cut in two: the model early-stops on the first half and
+is scored on the second (the test rows of the fold are never read: the data is cut at the
+fold's test start). The purge between the halves is the walk-forward one: no early-stopping row
+has a label window reaching the scored half. For every (variant, fold, seed) Mamba2 is fitted
+on the fold's training rows and scored next to climatology and EWMA(0.94) on the same rows.
 Variants:
 
-  default      the current defaults (stateful TBPTT over the whole history, pooled scaler,
-               every input, the tiny preset)
+  default      the current defaults (stateful TBPTT over the whole history, each lane
+               standardized with its own training rows, every input, the tiny preset)
   windowed     the state restarts every tbptt_len bars: a windowed encoder
-  lane_norm    each lane standardized with its own training rows
+  pooled_norm  one scaler fitted on every lane's training rows together
   no_onchain   without the on-chain inputs
   baseline     the baseline preset (d_model 256, 4 layers) instead of tiny
+  no_anchor    heads in absolute units instead of units of EWMA volatility
+  monitor_total  early stopping on the sum of log task losses instead of direction log loss
+  lr_5e-4      a quarter of the default learning rate
 
 Prints a table and writes benchmarks/results/ablations_<name>.json. docs/ABLATIONS.md reports
 the figures and the defaults chosen from them.
@@ -37,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ml.dataset import VAL  # noqa: E402
+from ml.dataset import TEST  # noqa: E402
 from ml.forecasters import REGISTRY, TargetSpec, fold_data  # noqa: E402
 from ml.forecasters.neural import SequenceForecaster, SequenceSettings  # noqa: E402
 from ml.labels import LabelConfig  # noqa: E402
@@ -48,9 +53,12 @@ from warehouse import DataPaths, Lake  # noqa: E402
 VARIANTS: dict[str, dict] = {
     "default": {},
     "windowed": {"stateful": False},
-    "lane_norm": {"lane_norm": True},
+    "pooled_norm": {"lane_norm": False},
     "no_onchain": {"onchain": False},
     "baseline": {"preset": "baseline"},
+    "no_anchor": {"sigma_anchor": False},
+    "monitor_total": {"monitor": "total"},
+    "lr_5e-4": {"lr": 5e-4},
 }
 BASELINES = ("climatology", "ewma")
 
@@ -85,6 +93,16 @@ def score(pred: pl.DataFrame, rows: pl.DataFrame, t: TargetSpec) -> dict[str, fl
     return out
 
 
+def validation_fold(fold: Fold) -> Fold:
+    """The fold with its validation window split: early stopping on the first half, the
+    second half as the scored window; nothing at or after the fold's test start."""
+    half = (fold.test_start - fold.val_start) / 2
+    mid = fold.val_start + half
+    return Fold(
+        f"{fold.key}-val", fold.train_start, fold.val_start, mid, fold.test_start, fold.embargo
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default="data-evaluate")
@@ -104,12 +122,12 @@ def main() -> None:
     unknown = [k for k in args.folds if k not in folds]
     if unknown:
         raise SystemExit(f"folds {unknown} not in the dataset; it has {list(folds)}")
-    base = SequenceSettings(epochs=args.epochs, early_stopping=False, threads=args.threads)
+    base = SequenceSettings(epochs=args.epochs, threads=args.threads)
     results: list[dict] = []
     started = time.perf_counter()
     for key in args.folds:
-        data = fold_data(rows, rows, folds[key], meta["feature_columns"], targets)
-        val = data.rows.filter(pl.col("split") == VAL)
+        data = fold_data(rows, rows, validation_fold(folds[key]), meta["feature_columns"], targets)
+        val = data.rows.filter(pl.col("split") == TEST)  # the second half of validation
         for name in BASELINES:
             pred = REGISTRY[name]().fit(data).predict(data)
             results.append({"fold": key, "model": name, "seed": None, **score(pred, val, targets)})
@@ -160,7 +178,8 @@ def main() -> None:
                 "folds": args.folds,
                 "seeds": args.seeds,
                 "settings": asdict(base),
-                "scored_on": "validation rows of each fold (never its test rows)",
+                "scored_on": "the second half of each fold's validation window (early stopping "
+                "on the first half; never the fold's test rows)",
                 "machine": f"{platform.processor() or platform.machine()}, "
                 f"{torch.get_num_threads()} torch threads",
                 "seconds": round(time.perf_counter() - started, 1),

@@ -20,7 +20,6 @@ Inputs are per-row losses (see `ml.metrics.PRIMARY_LOSS`); lower is better.
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import polars as pl
 from arch.bootstrap import MCS
 from statsmodels.tsa.stattools import diebold_mariano_test
@@ -176,7 +175,10 @@ def model_confidence_set(
     if len(reps_idx) == 1:
         rep_p = {reps_idx[0]: 1.0}
     else:
-        frame = pd.DataFrame({str(r): cols[r] for r in reps_idx})
+        # a plain array, not a DataFrame: arch maps its result back through the frame's columns
+        # with an index array that can come out float (then pandas refuses it), seen on a
+        # one-fold demo; positions are mapped back here instead
+        frame = np.column_stack([cols[r] for r in reps_idx])
         mcs = MCS(
             frame, alpha, reps=reps, block_size=int(block), method="R", bootstrap="mbb", seed=seed
         )
@@ -184,7 +186,7 @@ def model_confidence_set(
         # ranks the pair with certainty (inf statistic), which is the right answer.
         with np.errstate(divide="ignore", invalid="ignore"):
             mcs.compute()
-        rep_p = {int(k): float(v) for k, v in mcs.pvalues["Pvalue"].items()}
+        rep_p = {reps_idx[int(k)]: float(v) for k, v in mcs.pvalues["Pvalue"].items()}
     pvalues = {n: rep_p[rep_of[i]] for i, n in enumerate(names)}
     return {
         "included": [n for n in names if pvalues[n] > alpha],

@@ -71,7 +71,7 @@ class SequenceSettings:
     stateful: bool = True  # False: the state restarts every tbptt_len bars (a windowed encoder)
     # heads in units of EWMA(0.94) volatility from past returns (see LayerStack._heads)
     sigma_anchor: bool = True
-    lane_norm: bool = False  # True: standardize each lane with its own training rows
+    lane_norm: bool = True  # standardize each lane with its own training rows (False: pooled)
     onchain: bool = True  # False: drop the on-chain inputs
     early_stopping: bool = True  # False: keep the last epoch (no choice made on validation rows)
     # CPU threads of the training process; 1 by default because the Mamba2 and baseline steps
