@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import spearmanr
 
 from ml.forecasters import REGISTRY, FoldData, TargetSpec
-from ml.forecasters.lightgbm import LightGBMForecastConfig, LightGBMForecaster
+from ml.forecasters.lightgbm import EWMA_INPUT, LightGBMForecastConfig, LightGBMForecaster
 from ml.gbm import GBMConfig
 from ml.metrics import log_loss
 
@@ -114,8 +114,10 @@ def test_predicts_exactly_the_scored_rows_of_a_real_fold_with_valid_columns(synt
     importance = model.feature_importance()
     assert set(importance) == set(model.targets)
     for shares in importance.values():
-        assert list(shares) != [] and set(shares) <= set(synthetic_fold.feature_columns)
+        assert list(shares) != []
+        assert set(shares) <= {*synthetic_fold.feature_columns, EWMA_INPUT}
         assert math.isclose(sum(shares.values()), 1.0) or sum(shares.values()) == 0.0
+    assert EWMA_INPUT in importance["sigma"]  # the sigma booster reads the EWMA level
 
 
 def test_direction_beats_the_training_class_frequencies_out_of_sample(planted, planted_predictions):

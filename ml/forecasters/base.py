@@ -214,4 +214,4 @@ def fold_data(
     )
 
 
-FORECASTERS_CODE_VERSION = "2"  # bump when a forecaster changes what it predicts
+FORECASTERS_CODE_VERSION = "3"  # bump when a forecaster changes what it predicts
