@@ -62,8 +62,11 @@ def comparisons(t: dict, model: str = "mamba2") -> str:
     rows = [c for c in t.get("comparisons", []) if c["model"] == model]
     if not rows:
         return ""
-    out = [f"{model} vs baselines on {t['target']} (mean loss difference, negative favours "
-           f"{model}; 95% block-bootstrap interval; DM p-value Holm-adjusted):", ""]
+    out = [
+        f"{model} vs baselines on {t['target']} (mean loss difference, negative favours "
+        f"{model}; 95% block-bootstrap interval; DM p-value Holm-adjusted):",
+        "",
+    ]
     for c in rows:
         out.append(
             f"- {c['baseline']}: {c['mean_diff']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}],"
