@@ -63,6 +63,12 @@ class Ewma(Forecaster):
             parts.append(part.select("symbol", "ts", sigma=pl.Series(np.sqrt(var)).fill_nan(None)))
         return pl.concat(parts)
 
+    def log_sigma(self, data: FoldData) -> pl.DataFrame:
+        """Per bar with a positive `sigma`: `log_sigma`, the volatility level the sequence
+        models and LightGBM's sigma booster build on (past returns only)."""
+        sigma = self.sigma(data).filter(pl.col("sigma") > 0)
+        return sigma.select("symbol", "ts", log_sigma=pl.col("sigma").log())
+
     def predict(self, data: FoldData) -> pl.DataFrame:
         """sigma = sqrt(s2_t); q = z_level sigma sqrt(H)."""
         spec = data.targets

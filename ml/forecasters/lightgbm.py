@@ -101,7 +101,7 @@ class LightGBMForecaster(Forecaster):
         self._tasks: list[_Task] = []
         self._features: list[str] = []
         self._spec: TargetSpec | None = None
-        self._anchor_fill, self._offset = 0.0, False
+        self._anchor_fill, self._ewma_input = 0.0, False
 
     def fit(self, data: FoldData) -> LightGBMForecaster:
         """Train one booster per prediction column on `data.train`, each on the rows with a
@@ -123,9 +123,9 @@ class LightGBMForecaster(Forecaster):
                 )
         boosters = {}
         anchor = _log_ewma_variance(data)
-        a_train = _offset(data.train, anchor)
+        a_train = _on_rows(data.train, anchor)
         fill = float(np.median(a_train)) if a_train.size else 0.0  # training rows only
-        a_val = _offset(data.val, anchor, fill)
+        a_val = _on_rows(data.val, anchor, fill)
         for task in tasks:
             (y_train, keep_train), (y_val, keep_val) = labels[task.name]
             xt, xv = x_train, x_val
@@ -143,7 +143,7 @@ class LightGBMForecaster(Forecaster):
             )
         self._boosters, self._tasks = boosters, tasks
         self._features, self._spec = features, data.targets
-        self._anchor_fill, self._offset = fill, anchor is not None
+        self._anchor_fill, self._ewma_input = fill, anchor is not None
         return self
 
     def predict(self, data: FoldData) -> pl.DataFrame:
@@ -159,10 +159,10 @@ class LightGBMForecaster(Forecaster):
         spec = self._spec
         rows = data.scored
         x = _x(rows, self._features)
-        offset = _offset(rows, _log_ewma_variance(data), self._anchor_fill)
+        ewma = _on_rows(rows, _log_ewma_variance(data), self._anchor_fill)
         raw = {
-            task.name: self._raw(task.name, np.column_stack([x, offset]))
-            if task.anchored and self._offset
+            task.name: self._raw(task.name, np.column_stack([x, ewma]))
+            if task.anchored and self._ewma_input
             else self._raw(task.name, x)
             for task in self._tasks
         }
@@ -209,11 +209,9 @@ class LightGBMForecaster(Forecaster):
         (`direction` for the multiclass booster)."""
         return {name: int(b.best_iteration) for name, b in self._boosters.items()}
 
-    def _raw(self, name: str, x: np.ndarray, raw_score: bool = False) -> np.ndarray:
+    def _raw(self, name: str, x: np.ndarray) -> np.ndarray:
         booster = self._boosters[name]
-        return np.asarray(
-            booster.predict(x, num_iteration=booster.best_iteration, raw_score=raw_score)
-        )
+        return np.asarray(booster.predict(x, num_iteration=booster.best_iteration))
 
 
 def _log_ewma_variance(data: FoldData) -> pl.DataFrame | None:
@@ -223,14 +221,13 @@ def _log_ewma_variance(data: FoldData) -> pl.DataFrame | None:
 
     if "close" not in data.bars.columns:
         return None
-    sigma = Ewma().sigma(data).filter(pl.col("sigma") > 0)
-    return sigma.select("symbol", "ts", a=(2 * pl.col("sigma").log()))
+    return Ewma().log_sigma(data).select("symbol", "ts", a=2 * pl.col("log_sigma"))
 
 
-def _offset(
+def _on_rows(
     rows: pl.DataFrame, anchor: pl.DataFrame | None, fill: float | None = None
 ) -> np.ndarray:
-    """The anchor on `rows` (same order); gaps (before the EWMA's seed) filled with `fill`,
+    """The EWMA input on `rows` (same order); gaps (before the EWMA's seed) filled with `fill`,
     the training rows' median (when None: these rows' own median, for the training rows)."""
     if anchor is None:
         return np.zeros(rows.height)

@@ -146,8 +146,7 @@ class SequenceForecaster(Forecaster):
     @staticmethod
     def _anchor(data: FoldData) -> pl.DataFrame:
         """log EWMA(0.94) sigma at each bar, from that bar's and earlier returns only."""
-        ewma = Ewma().sigma(data)
-        return ewma.select("symbol", "ts", log_sigma=pl.col("sigma").log())
+        return Ewma().log_sigma(data)
 
     @staticmethod
     def _horizons(t) -> tuple[int, ...]:
@@ -220,7 +219,7 @@ class SequenceForecaster(Forecaster):
             "task_weights": loss.weights(),
             "parameters": sum(p.numel() for p in model.parameters()),
             "device": str(device),
-            "precision": self.settings.precision(),
+            "precision": self.precision,
         }
         return self
 
