@@ -103,20 +103,14 @@ def _comparisons(planted: float) -> pl.DataFrame:
 
 def test_mamba_planted_signal_is_recovered_and_beats_the_baselines_significantly():
     """With the planted signal on, Mamba2 beats climatology on direction log loss and EWMA on
-    sigma QLIKE, and LightGBM beats climatology: the bootstrap interval of the mean loss
-    difference lies below zero and the Diebold-Mariano test rejects equal loss at 5%.
-
-    LightGBM's volatility is only required not to be significantly worse than EWMA's: its gamma
-    booster reads the EWMA level as an input and does not recover the planted volatility
-    component beyond EWMA here (it did when started from EWMA as an offset, which cost it on
-    real Bitcoin; see ml/forecasters/lightgbm.py)."""
+    sigma QLIKE, and so does LightGBM: the bootstrap interval of the mean loss difference lies
+    below zero and the Diebold-Mariano test rejects equal loss at 5%. (LightGBM's sigma margin
+    is the thinnest: p = 0.023 on this machine; see ml/forecasters/lightgbm.py for why its
+    sigma trees are stumps.)"""
     rows = _comparisons(STRENGTH)
     assert rows.height == 4
     for r in rows.iter_rows(named=True):
         what = f"{r['model']} vs {r['baseline']} on {r['target']}: {r}"
-        if r["model"] == "lightgbm" and r["target"] == "sigma":
-            assert r["ci_low"] < 0 and not (r["dm_p_value"] < 0.05 and r["mean_diff"] > 0), what
-            continue
         assert r["mean_diff"] < 0, what
         assert r["ci_high"] < 0, what
         assert r["dm_p_value"] < 0.05, what
