@@ -28,10 +28,15 @@ from statsmodels.stats.multitest import multipletests
 from ml.forecasters import DIRECTION, QUANTILES, RETURNS, SIGMA, TargetSpec
 from ml.forecasters.base import DIRECTION_COLUMNS
 from ml.metrics import PRIMARY_LOSS, TARGET_METRICS, reliability_table
-from ml.significance import compare, model_confidence_set, non_overlapping_mask
+from ml.significance import (
+    block_bootstrap_ci,
+    compare,
+    model_confidence_set,
+    non_overlapping_mask,
+)
 
 # part of the evaluation artifact's version: bump when a metric, test or table changes
-EVALUATION_CODE_VERSION = "1"
+EVALUATION_CODE_VERSION = "2"
 MODELS = ("mamba2", "lightgbm")  # the learned forecasters tested against every other one
 KEYS = ["symbol", "ts"]
 NON_OVERLAP_FROM = 30  # horizons (bars) at and above which the non-overlapping subsample is shown
@@ -148,6 +153,12 @@ def score_target(
     losses = {n: loss_fn(*view.args(y, preds[n])) for n in names}
     for n in names:
         metrics[n]["loss"] = float(losses[n].mean())
+    ts, symbols = rows["ts"].to_numpy(), rows["symbol"].to_numpy()
+    if view.target == QUANTILES:
+        # overlapping h-bar outcomes make coverage far less certain than its row count says
+        for n in names:
+            low, high = coverage_interval(y, preds[n], symbols, view.horizon, n_boot)
+            metrics[n] |= {"coverage_low": low, "coverage_high": high}
     out = {
         "target": view.name,
         "label": view.label,
@@ -159,7 +170,6 @@ def score_target(
         "metrics": metrics,
         "seeds": _seed_spread(view, test, rows, report, loss_fn),
     }
-    ts, symbols = rows["ts"].to_numpy(), rows["symbol"].to_numpy()
     # the tests run on the per-date series; h bars of a business-day symbol span ~1.4 h dates
     block = min(calendar_span(rows, view.horizon), len(np.unique(ts)) // 2)
     out["block_timestamps"] = block
@@ -179,6 +189,22 @@ def score_target(
             n: reliability_table(y.astype(np.int64), preds[n]).to_dicts() for n in names
         }
     return out
+
+
+def coverage_interval(
+    y: np.ndarray,
+    band: np.ndarray,
+    symbols: np.ndarray,
+    horizon: int,
+    n_boot: int = 1000,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """A moving-block bootstrap interval for the share of outcomes inside the band (columns:
+    lower, upper), blocks of `horizon` rows within each symbol (rows in time order per symbol):
+    neighbouring h-bar outcomes share h - 1 bars, so a test window holds only about
+    rows / h independent outcomes."""
+    inside = ((band[:, 0] <= y) & (y <= band[:, 1])).astype(np.float64)
+    return block_bootstrap_ci(inside, horizon, groups=symbols, n_boot=n_boot, level=level)
 
 
 def calendar_span(rows: pl.DataFrame, horizon: int) -> int:

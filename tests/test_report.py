@@ -394,3 +394,29 @@ def test_write_report_writes_page_json_and_pngs(tmp_path, results, figures):
 def test_write_report_rejects_figure_names_that_are_paths(tmp_path, figures):
     with pytest.raises(ValueError, match="plain file names"):
         write_report(tmp_path, {"targets": {}}, {"../x": figures["equity"]}, None, "t")
+
+
+def test_coverage_interval_holds_the_nominal_rate_and_widens_with_overlap():
+    """A calibrated 80% band on h-bar sums of iid noise: the interval covers 0.8, and it is
+    several times wider for h = 90 than for one-bar outcomes (fewer independent outcomes)."""
+    from ml.evaluation import coverage_interval
+
+    rng = np.random.default_rng(3)
+    n, z = 3000, 1.2816  # N(0,1) 10% / 90% quantiles
+    symbols = np.repeat(["A", "B"], n // 2)
+    widths = {}
+    for h in (1, 90):
+        shocks = rng.normal(size=n + h)
+        y = np.convolve(shocks, np.ones(h), "valid")[:n] / np.sqrt(h)
+        band = np.column_stack([np.full(n, -z), np.full(n, z)])
+        low, high = coverage_interval(y, band, symbols, h, n_boot=500)
+        assert low < 0.8 < high, (h, low, high)
+        widths[h] = high - low
+    assert widths[90] > 3 * widths[1], widths
+
+
+def test_the_quantile_target_reports_a_coverage_interval(results):
+    for name, r in results["targets"].items():
+        if name.startswith("quantiles"):
+            for m in r["metrics"].values():
+                assert m["coverage_low"] <= m["coverage"] <= m["coverage_high"]
