@@ -1,7 +1,12 @@
 """Backtests of the direction forecasts: per walk-forward fold on its test window, after fees,
-slippage and the exit, against buy-and-hold and momentum on the same bars."""
+slippage and the exit, against buy-and-hold and momentum on the same bars.
+
+ml.backtest (scipy), matplotlib and the forecasters are imported inside the functions that use
+them, so loading the definitions stays fast.
+"""
 
 import json
+from typing import TYPE_CHECKING
 
 import dagster as dg
 import polars as pl
@@ -10,16 +15,10 @@ from assets.metadata import png_md, table_md
 from assets.partitions import SINGLE_RUN, fold_partitions
 from assets.resources import WarehouseResource
 from assets.training import _fold, predictions
-from ml.backtest import (
-    BACKTEST_CODE_VERSION,
-    BacktestConfig,
-    parameter_grid,
-    plot_equity,
-    run_backtest,
-    run_grid,
-)
-from ml.walkforward_run import backtest_frame
 from warehouse.artifacts import content_version, frame_fingerprint
+
+if TYPE_CHECKING:
+    from ml.backtest import BacktestConfig
 
 # the direction forecasters that are traded (constant-probability baselines are not: they would
 # hold one position throughout, which buy-and-hold already shows)
@@ -34,7 +33,9 @@ class BacktestSettings(dg.Config):
     fee_bps: float = 10.0
     slippage_bps: float = 5.0
 
-    def to_ml(self) -> BacktestConfig:
+    def to_ml(self) -> "BacktestConfig":
+        from ml.backtest import BacktestConfig
+
         try:
             return BacktestConfig(
                 threshold=self.threshold,
@@ -48,8 +49,10 @@ class BacktestSettings(dg.Config):
             raise dg.Failure(f"Invalid backtest settings: {e}") from e
 
 
-def backtest_grid(cfg: BacktestConfig) -> pl.DataFrame:
+def backtest_grid(cfg: "BacktestConfig") -> pl.DataFrame:
     """The parameter sets tried beside the default (their count deflates the best Sharpe)."""
+    from ml.backtest import parameter_grid
+
     return parameter_grid(
         thresholds=(0.0, 0.05, 0.1, 0.2, 0.3),
         allow_short=(True, False),
@@ -74,6 +77,9 @@ def backtest_grid(cfg: BacktestConfig) -> pl.DataFrame:
 def backtest(
     context: dg.AssetExecutionContext, config: BacktestSettings, warehouse: WarehouseResource
 ) -> dg.MaterializeResult:
+    from ml.backtest import BACKTEST_CODE_VERSION, plot_equity, run_backtest, run_grid
+    from ml.walkforward_run import backtest_frame
+
     cfg = config.to_ml()
     lake, store = warehouse.lake(), warehouse.artifacts()
     meta = lake.read_meta("training_dataset")

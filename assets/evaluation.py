@@ -1,5 +1,9 @@
 """The evaluation: every fold's out-of-sample test rows stitched together, every target scored
-for every forecaster on the same rows, with significance, plots and a self-contained report."""
+for every forecaster on the same rows, with significance, plots and a self-contained report.
+
+The evaluation stack (scipy, arch, statsmodels, matplotlib) is imported inside the asset, so
+loading the definitions stays fast.
+"""
 
 import dagster as dg
 import polars as pl
@@ -9,10 +13,6 @@ from assets.metadata import png_md, table_md
 from assets.partitions import SINGLE_RUN
 from assets.resources import WarehouseResource
 from assets.training import KEEP_VERSIONS, _targets, predictions
-from ml.backtest import BACKTEST_CODE_VERSION, run_backtest, run_grid
-from ml.evaluation import EVALUATION_CODE_VERSION, MODELS, evaluate, metric_table
-from ml.report import REPORT_CODE_VERSION, build_figures, write_report
-from ml.walkforward_run import backtest_frame
 from warehouse.artifacts import ArtifactError, content_version
 
 PARTITION = "walk_forward"  # the artifact partition of the evaluation over all folds
@@ -71,6 +71,11 @@ def evaluation(
     config: EvaluationSettings,
     warehouse: WarehouseResource,
 ) -> dg.MaterializeResult:
+    from ml.backtest import BACKTEST_CODE_VERSION, run_backtest, run_grid
+    from ml.evaluation import EVALUATION_CODE_VERSION, MODELS, evaluate, metric_table
+    from ml.report import REPORT_CODE_VERSION, build_figures, write_report
+    from ml.walkforward_run import backtest_frame
+
     lake, store = warehouse.lake(), warehouse.artifacts()
     long, found, meta = stitched_predictions(warehouse, context.log.info)
     targets = _targets(meta)

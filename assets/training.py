@@ -4,10 +4,14 @@ out-of-sample predictions.
 The dataset holds every row with features and labels; `ml.walkforward` decides which rows
 train, validate and test each fold. Fold assets are partitioned by `fold_partitions` (one
 partition per test window) and write immutable, versioned artifacts `<kind>/<fold>/<version>/`.
+
+The forecasters (LightGBM, arch, scipy; torch behind the sequence models) are imported inside
+the assets that run them, so loading the definitions stays fast.
 """
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import dagster as dg
 import polars as pl
@@ -16,24 +20,17 @@ from assets.features import features, labels
 from assets.metadata import frame_summary, table_md
 from assets.partitions import FOLD_MONTHS, SINGLE_RUN, fold_partitions
 from assets.resources import WarehouseResource
-from ml.forecasters import REGISTRY, TargetSpec, fold_data
-from ml.forecasters.base import FORECASTERS_CODE_VERSION
-from ml.forecasters.neural import SEQUENCE_MODELS
 from ml.labels import LabelConfig
+from ml.sequence_names import MAMBA2, SEQUENCE_BASELINE_NAMES
 from ml.walkforward import Fold, WalkForwardConfig, assign_fold, walk_forward_folds
-from ml.walkforward_run import (
-    ASSEMBLY_CODE_VERSION,
-    fit_registered,
-    seed_means,
-    with_ensembles,
-)
 from warehouse.artifacts import ArtifactError, content_version, frame_fingerprint
+
+if TYPE_CHECKING:
+    from ml.forecasters import TargetSpec
 
 # lake versions kept of the tables whose version changes with the data (dataset, predictions)
 KEEP_VERSIONS = 5
-SEQUENCE_BASELINES = [
-    k for k in SEQUENCE_MODELS if k != "mamba2"
-]  # lstm, gru, transformer, cnn_lstm
+SEQUENCE_BASELINES = list(SEQUENCE_BASELINE_NAMES)  # lstm, gru, transformer, cnn_lstm
 
 
 class WalkForwardSettings(dg.Config):
@@ -133,7 +130,9 @@ def _fold(meta: dict, key: str) -> Fold:
     return Fold.from_json(folds[key])
 
 
-def _targets(meta: dict) -> TargetSpec:
+def _targets(meta: dict) -> "TargetSpec":
+    from ml.forecasters import TargetSpec
+
     return TargetSpec.from_label_config(LabelConfig.from_dict(meta["label_config"]))
 
 
@@ -150,6 +149,10 @@ def _targets(meta: dict) -> TargetSpec:
     "fold's validation and test rows.",
 )
 def model(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:
+    from ml.forecasters import REGISTRY, fold_data
+    from ml.forecasters.base import FORECASTERS_CODE_VERSION
+    from ml.walkforward_run import fit_registered
+
     lake, store = warehouse.lake(), warehouse.artifacts()
     meta = lake.read_meta("training_dataset")
     rows = lake.read("training_dataset")
@@ -264,7 +267,7 @@ def mamba_model(
     warehouse: WarehouseResource,
     pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
-    return _run_sequences(context, config, warehouse, pipes_subprocess_client, ["mamba2"])
+    return _run_sequences(context, config, warehouse, pipes_subprocess_client, [MAMBA2])
 
 
 @dg.asset(
@@ -307,7 +310,7 @@ def _past_predictions(store, meta: dict, fold: Fold) -> list:
 def _fold_artifacts(store, key: str, meta: dict) -> list:
     """The latest artifact of every model asset for fold `key`, each trained on the current
     dataset; a clear failure names the asset to materialize otherwise."""
-    wanted = {"model": "model", "mamba2": "mamba_model"}
+    wanted = {"model": "model", MAMBA2: "mamba_model"}
     wanted.update(dict.fromkeys(SEQUENCE_BASELINES, "sequence_baselines"))
     arts = []
     for kind, asset in wanted.items():
@@ -343,6 +346,9 @@ def _fold_artifacts(store, key: str, meta: dict) -> list:
 def predictions(
     context: dg.AssetExecutionContext, warehouse: WarehouseResource
 ) -> dg.MaterializeResult:
+    from ml.forecasters.base import FORECASTERS_CODE_VERSION
+    from ml.walkforward_run import ASSEMBLY_CODE_VERSION, seed_means, with_ensembles
+
     lake, store = warehouse.lake(), warehouse.artifacts()
     meta = lake.read_meta("training_dataset")
     targets = _targets(meta)

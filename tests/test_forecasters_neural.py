@@ -13,12 +13,20 @@ from ml.forecasters.neural import (
     SequenceSettings,
     is_onchain_column,
 )
+from ml.sequence_baselines import KINDS
+from ml.sequence_names import SEQUENCE_BASELINE_NAMES, SEQUENCE_MODEL_NAMES
 
 FAST = SequenceSettings(epochs=1, tbptt_len=256, patience=1)
 
 
 def _columns(targets: TargetSpec) -> list[str]:
     return [c for t in ALL_TARGETS for c in targets.prediction_columns(t)]
+
+
+def test_the_light_sequence_names_match_the_models():
+    """The Dagster definitions take the model names from ml.sequence_names (no torch)."""
+    assert tuple(SEQUENCE_MODELS) == SEQUENCE_MODEL_NAMES
+    assert SEQUENCE_BASELINE_NAMES == KINDS
 
 
 @pytest.mark.parametrize("kind", list(SEQUENCE_MODELS))

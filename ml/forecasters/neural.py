@@ -28,6 +28,7 @@ from ml.forecasters.base import ALL_TARGETS, DIRECTION_COLUMNS, FoldData, Foreca
 from ml.forecasters.ewma import Ewma
 from ml.sequence_baselines import SequenceBaseline, SequenceBaselineConfig
 from ml.sequence_data import SEGMENT_CODE, Lanes, build_lanes
+from ml.sequence_names import MAMBA2, SEQUENCE_BASELINE_NAMES
 from ml.trainer import Sequences, TrainConfig, Trainer
 
 SEQUENCE_CODE_VERSION = "2"
@@ -45,11 +46,8 @@ def _baseline(kind: str) -> Callable[[BackboneConfig], nn.Module]:
 
 # name -> builder from the Mamba2 backbone config; baselines match its parameter count
 SEQUENCE_MODELS: dict[str, Callable[[BackboneConfig], nn.Module]] = {
-    "mamba2": Mamba2Forecaster,
-    "lstm": _baseline("lstm"),
-    "gru": _baseline("gru"),
-    "transformer": _baseline("transformer"),
-    "cnn_lstm": _baseline("cnn_lstm"),
+    MAMBA2: Mamba2Forecaster,
+    **{kind: _baseline(kind) for kind in SEQUENCE_BASELINE_NAMES},
 }
 
 
