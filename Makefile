@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
 DATA_DIR ?= $(CURDIR)/data
 PORT ?= 3000
-DEMO_RANGE ?= 2019-01-01...2024-12-31
+DEMO_RANGE ?= 2019...2024
 # make evaluate: the real files, in a data directory of their own (the demo's stays as it was)
 DATA ?= ../shared/data
 EVAL_DIR ?= $(CURDIR)/data-evaluate

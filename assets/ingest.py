@@ -1,36 +1,101 @@
-"""Ingest: raw OHLCV bars, on-chain metrics and macro series into DuckDB, one day per partition.
+"""Ingest: raw OHLCV bars, on-chain metrics and macro series into DuckDB, one year per partition.
 
-A partition (or a range of them, in one run) deletes that window's rows for the configured
-entities and inserts the fetched rows in one transaction: re-runs never duplicate rows.
+A partition (or a range of them, in one run) deletes its window's rows for the configured
+entities and inserts the fetched rows in one transaction: re-runs never duplicate rows. The
+window ends at the sources' cutoff (today 00:00 UTC, or `until`), so only complete days are
+stored; with `incremental` set in the asset's config (the daily refresh sets it) it starts after
+the newest stored bar, so a refresh fetches and writes only the new days, however many were
+missed.
 """
 
+from datetime import datetime, timedelta
+
 import dagster as dg
+from pydantic import Field
 
 from assets.metadata import table_md
-from assets.partitions import SINGLE_RUN, daily_partitions
+from assets.partitions import SINGLE_RUN, ingest_partitions
 from assets.resources import MarketSourcesResource, WarehouseResource
+from warehouse import Warehouse
+from warehouse.schema import ohlcv_table
+
+
+class IngestConfig(dg.Config):
+    incremental: bool = Field(
+        default=False,
+        description="Fetch only what is new: start after the newest stored bar (of the entity "
+        "that lags most) instead of at the partition's start. The daily refresh sets it; "
+        "without it the partition window is re-fetched and replaced whole",
+    )
+
+
+# how far past the newest stored row the next fetch starts: one bar
+_BAR = {"1d": timedelta(days=1), "1h": timedelta(hours=1), "1m": timedelta(minutes=1)}
+
+
+def partition_window(
+    context: dg.AssetExecutionContext | dg.OpExecutionContext, sources: MarketSourcesResource
+) -> tuple[datetime, datetime]:
+    """The run's partition window, its end clipped to the sources' cutoff (may then be empty)."""
+    window = context.partition_time_window
+    start, end = window.start.replace(tzinfo=None), window.end.replace(tzinfo=None)
+    return start, min(end, sources.cutoff())
+
+
+def resume_point(store: Warehouse, table: str, entities, timeframe: str) -> datetime | None:
+    """Where an incremental fetch starts: the day holding the bar after the newest stored one,
+    taking the entity that lags most; None while some entity has no rows yet."""
+    summary = store.summary(table)
+    last = dict(zip(summary["entity"].to_list(), summary["last"].to_list(), strict=True))
+    if not entities or any(e not in last for e in entities):
+        return None
+    newest = min(last[e] for e in entities)
+    if not isinstance(newest, datetime):  # on-chain and macro rows are keyed by date
+        newest = datetime.combine(newest, datetime.min.time())
+    nxt = newest + _BAR.get(timeframe, timedelta(days=1))
+    return datetime.combine(nxt.date(), datetime.min.time())
 
 
 def ingest_window(
     context: dg.AssetExecutionContext,
     table: str,
+    config: IngestConfig,
     warehouse: WarehouseResource,
     sources: MarketSourcesResource,
 ) -> dg.MaterializeResult:
     source = sources.source(table)
-    window = context.partition_time_window
-    start, end = window.start.replace(tzinfo=None), window.end.replace(tzinfo=None)
+    store = warehouse.warehouse()
+    timeframe = getattr(source, "timeframe", "1d")
+    start, end = partition_window(context, sources)
+    if config.incremental:
+        stored = ohlcv_table(timeframe) if table == "ohlcv" else table
+        resume = resume_point(store, stored, list(source.entities), timeframe)
+        if resume is not None and resume > start:
+            context.log.info(f"Incremental: the newest stored {stored} rows end before {resume}")
+            start = resume
+    if start >= end:
+        context.log.info(
+            f"Nothing to fetch for {table}: the window [{start:%Y-%m-%d}, {end:%Y-%m-%d}) is "
+            "empty (everything before the cutoff is stored, or the partition lies after it)"
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "source": source.name,
+                "window": f"empty: nothing before the cutoff {sources.cutoff():%Y-%m-%d} to fetch",
+                "timeframe": timeframe,
+                "rows_inserted": 0,
+                "rows_replaced": 0,
+                "table_rows": store.count(ohlcv_table(timeframe) if table == "ohlcv" else table),
+            }
+        )
     context.log.info(
         f"Fetching {table} from source {source.name!r} for {list(source.entities)}, "
         f"[{start:%Y-%m-%d}, {end:%Y-%m-%d})"
     )
     rows = source.fetch(start, end)
     context.log.info(f"Fetched {rows.height} rows; writing them in one transaction")
-    store = warehouse.warehouse()
     if table == "ohlcv":
-        results = store.replace_bars(
-            getattr(source, "timeframe", "1d"), rows, start, end, source.entities, source.name
-        )
+        results = store.replace_bars(timeframe, rows, start, end, source.entities, source.name)
     else:
         results = [store.replace_window(table, rows, start, end, source.entities, source.name)]
     for r in results:
@@ -43,7 +108,7 @@ def ingest_window(
         metadata={
             "source": source.name,
             "window": f"[{start:%Y-%m-%d}, {end:%Y-%m-%d})",
-            "timeframe": getattr(source, "timeframe", "1d"),
+            "timeframe": timeframe,
             "rows_written": dg.MetadataValue.json({r.table: r.rows_inserted for r in results}),
             "rows_inserted": result.rows_inserted,
             "rows_replaced": result.rows_deleted,
@@ -56,37 +121,46 @@ def ingest_window(
 
 
 _COMMON = {
-    "partitions_def": daily_partitions,
+    "partitions_def": ingest_partitions,
     "backfill_policy": SINGLE_RUN,
     "group_name": "ingest",
     "kinds": {"duckdb", "polars"},
-    "code_version": "1",
+    "code_version": "2",
 }
 
 
 @dg.asset(description="Daily OHLCV bars per symbol (table `ohlcv`, key symbol + ts).", **_COMMON)
 def ohlcv_bars(
-    context: dg.AssetExecutionContext, warehouse: WarehouseResource, sources: MarketSourcesResource
+    context: dg.AssetExecutionContext,
+    config: IngestConfig,
+    warehouse: WarehouseResource,
+    sources: MarketSourcesResource,
 ) -> dg.MaterializeResult:
-    return ingest_window(context, "ohlcv", warehouse, sources)
+    return ingest_window(context, "ohlcv", config, warehouse, sources)
 
 
 @dg.asset(
     description="Daily Bitcoin on-chain metrics (table `onchain`, key asset + date).", **_COMMON
 )
 def onchain_metrics(
-    context: dg.AssetExecutionContext, warehouse: WarehouseResource, sources: MarketSourcesResource
+    context: dg.AssetExecutionContext,
+    config: IngestConfig,
+    warehouse: WarehouseResource,
+    sources: MarketSourcesResource,
 ) -> dg.MaterializeResult:
-    return ingest_window(context, "onchain", warehouse, sources)
+    return ingest_window(context, "onchain", config, warehouse, sources)
 
 
 @dg.asset(
     description="Macro series with publication dates (table `macro`, key series + date).", **_COMMON
 )
 def macro_series(
-    context: dg.AssetExecutionContext, warehouse: WarehouseResource, sources: MarketSourcesResource
+    context: dg.AssetExecutionContext,
+    config: IngestConfig,
+    warehouse: WarehouseResource,
+    sources: MarketSourcesResource,
 ) -> dg.MaterializeResult:
-    return ingest_window(context, "macro", warehouse, sources)
+    return ingest_window(context, "macro", config, warehouse, sources)
 
 
 INGEST_ASSETS = [ohlcv_bars, onchain_metrics, macro_series]

@@ -13,9 +13,9 @@ import dagster as dg
 import polars as pl
 
 from assets.features import features
-from assets.ingest import INGEST_ASSETS, TABLE_OF
+from assets.ingest import INGEST_ASSETS, TABLE_OF, partition_window
 from assets.metadata import check_result
-from assets.resources import WarehouseResource
+from assets.resources import MarketSourcesResource, WarehouseResource
 from ml.features import FeatureConfig, onchain_feature_columns
 from warehouse.quality import (
     QualityReport,
@@ -30,11 +30,13 @@ from warehouse.quality import (
 RULES = RuleConfig()
 
 
-def _window(context: dg.AssetCheckExecutionContext):
+def _window(context: dg.AssetCheckExecutionContext, sources: MarketSourcesResource):
+    """The checked window: the run's partition window up to the sources' cutoff (the whole
+    window, also after an incremental ingest wrote only its last days)."""
     op_ctx = context.op_execution_context
     if op_ctx.has_partition_key or op_ctx.has_partition_key_range:
-        window = op_ctx.partition_time_window
-        return window.start.replace(tzinfo=None), window.end.replace(tzinfo=None)
+        start, end = partition_window(op_ctx, sources)
+        return start, max(start, end)
     return None, None
 
 
@@ -91,9 +93,11 @@ def _quality_check(asset: dg.AssetsDefinition) -> dg.AssetChecksDefinition:
         "rows, and macro series without a new value by then, a warning only).",
     )
     def check(
-        context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource
+        context: dg.AssetCheckExecutionContext,
+        warehouse: WarehouseResource,
+        sources: MarketSourcesResource,
     ) -> dg.AssetCheckResult:
-        start, end = _window(context)
+        start, end = _window(context, sources)
         store = warehouse.warehouse()
         if start is None:
             context_rows = store.read(table)
@@ -117,9 +121,11 @@ def _quality_check(asset: dg.AssetsDefinition) -> dg.AssetChecksDefinition:
     "(naming the bars); not blocking.",
 )
 def ohlcv_extreme_moves(
-    context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource
+    context: dg.AssetCheckExecutionContext,
+    warehouse: WarehouseResource,
+    sources: MarketSourcesResource,
 ) -> dg.AssetCheckResult:
-    start, end = _window(context)
+    start, end = _window(context, sources)
     lo = None if start is None else start - timedelta(days=RULES.lookback_days)
     rows = warehouse.warehouse().read("ohlcv", lo, end)
     report = validate_moves(rows, start, RULES)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, date, datetime
+
 import dagster as dg
 from pydantic import Field
 
@@ -69,6 +71,27 @@ class MarketSourcesResource(dg.ConfigurableResource):
         "forward returns and volatility (docs/FEATURES_AND_LABELS.md)",
     )
 
+    until: str = Field(
+        default="",
+        description="Ingest only rows before this day (YYYY-MM-DD, exclusive), to replay history "
+        "as of a date or leave out a file's incomplete last day; empty: today 00:00 UTC, so only "
+        "complete days are stored",
+    )
+
+    def cutoff(self) -> datetime:
+        """The exclusive end of every ingest window: `until`, or today 00:00 UTC."""
+        today = datetime.combine(datetime.now(UTC).date(), datetime.min.time())
+        if not self.until:
+            return today
+        try:
+            day = date.fromisoformat(self.until)
+        except ValueError:
+            raise ValueError(
+                f"sources.until={self.until!r} is not a date: use YYYY-MM-DD, or leave it empty "
+                "for today"
+            ) from None
+        return min(today, datetime.combine(day, datetime.min.time()))
+
     def source(self, table: str) -> Source:
         """The configured connector for `table`; raises SourceError on unknown names or options."""
         name, options = {
@@ -110,5 +133,6 @@ class MarketSourcesResource(dg.ConfigurableResource):
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # Fail at the start of the run, before any step writes, if the configuration is invalid.
+        self.cutoff()
         for table in ("ohlcv", "onchain", "macro"):
             self.source(table)

@@ -3,10 +3,10 @@
     python -m pipelines.run demo                       # synthetic market, the data dir in use
     python -m pipelines.run evaluate --data ../shared/data [--stocks]
 
-Three real `dagster asset materialize` runs against the instance in $DAGSTER_HOME (so every run
+Two real `dagster asset materialize` runs against the instance in $DAGSTER_HOME (so every run
 shows up in the UI): ingest + checks + features + labels + the training dataset over a range of
-daily partitions; every model, prediction and backtest asset over the walk-forward folds the
-dataset supports; the evaluation over every fold. `evaluate` ingests the real files through the
+ingest (year) partitions; then every model, prediction and backtest asset over the walk-forward
+folds the dataset supports, and the evaluation of every fold, in the same run. `evaluate` ingests the real files through the
 file connectors into a data directory of its own and writes reports/evaluation.{json,html}.
 """
 
@@ -28,7 +28,8 @@ import polars as pl
 
 from warehouse import ArtifactStore, DataPaths, Lake
 
-FOLD_ASSETS = "model,mamba_model,sequence_baselines,predictions,backtest"
+# the fold assets over the folds, and the (unpartitioned) evaluation of every fold after them
+FOLD_ASSETS = "model,mamba_model,sequence_baselines,predictions,backtest,evaluation"
 HEARTBEAT_S = 30  # seconds without progress after which a "still running" line is printed
 # lines of the dagster CLI's log worth showing as progress
 PROGRESS = re.compile(
@@ -101,7 +102,7 @@ def _fold_range(data_dir: Path, first: str | None, last_n: int | None) -> str:
 
 def run_graph(
     data_dir: Path,
-    day_range: str,
+    partition_range: str,
     sources: dict | None,
     sequence: dict,
     first_fold: str | None = None,
@@ -113,7 +114,7 @@ def run_graph(
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     config = {"resources": {"sources": {"config": sources}}} if sources else None
-    _materialize("*training_dataset", log, day_range, config)
+    _materialize("*training_dataset", log, partition_range, config)
     folds = _fold_range(data_dir, first_fold, last_folds)
     fold_config = {
         "ops": {
@@ -122,13 +123,13 @@ def run_graph(
         }
     }
     _materialize(FOLD_ASSETS, log, folds, fold_config)
-    _materialize("evaluation", log)
     print(f"\nwhole graph in {time.perf_counter() - started:.0f} s; full log: {log}")
     return ArtifactStore(DataPaths.at(data_dir).artifacts).latest("evaluation", "walk_forward").path
 
 
 def real_inputs(data: Path, data_dir: Path, stocks: bool) -> tuple[dict, str]:
-    """Source config for the shared real files, and the daily range they cover."""
+    """Source config for the shared real files, and the range of ingest (year) partitions
+    that holds the Bitcoin file's whole history."""
     btc = data / "btc_usd_daily_bitstamp.csv"
     for f in (btc, data / "btc_onchain_daily_coinmetrics.csv", data / "macro_fred_daily.csv"):
         if not f.is_file():
@@ -149,9 +150,11 @@ def real_inputs(data: Path, data_dir: Path, stocks: bool) -> tuple[dict, str]:
             [f.select(cols).with_columns(pl.col("volume").cast(pl.Float64)) for f in frames]
         ).write_parquet(path)
         ohlcv = str(path)
-    last = pl.read_csv(btc, columns=["date"])["date"].max()
-    end = date.fromisoformat(last) - timedelta(days=1)  # the last whole day before the file's end
+    days = pl.read_csv(btc, columns=["date"])["date"]
+    first, last = date.fromisoformat(days.min()), date.fromisoformat(days.max())
     sources = {
+        # the file's last day may be incomplete: ingest up to the day before it
+        "until": last.isoformat(),
         "ohlcv_source": "file",
         "ohlcv_path": ohlcv,
         "symbols": symbols,
@@ -160,7 +163,7 @@ def real_inputs(data: Path, data_dir: Path, stocks: bool) -> tuple[dict, str]:
         "macro_source": "fred_file",
         "macro_path": str((data / "macro_fred_daily.csv").resolve()),
     }
-    return sources, f"2012-01-01...{end:%Y-%m-%d}"
+    return sources, f"{first.year}...{(last - timedelta(days=1)).year}"
 
 
 def main() -> None:
@@ -169,7 +172,7 @@ def main() -> None:
     demo = sub.add_parser("demo", help="the synthetic market, in the data directory in use")
     # sized for a few minutes on 2 cores: six years, the last two folds, Mamba2 with 3 seeds and
     # one seed of each sequence baseline (`make evaluate` runs every fold, 3 seeds each)
-    demo.add_argument("--range", default="2019-01-01...2024-12-31")
+    demo.add_argument("--range", default="2019...2024", help="ingest (year) partitions")
     demo.add_argument("--last-folds", type=int, default=2)
     demo.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     demo.add_argument("--baseline-seeds", type=int, nargs="+", default=[0])
@@ -193,8 +196,8 @@ def main() -> None:
         )
         print(f"evaluation report: {art / 'evaluation.html'}")
         return
-    sources, day_range = real_inputs(Path(args.data), data_dir, args.stocks)
-    art = run_graph(data_dir, day_range, sources, sequence, first_fold=args.first_fold)
+    sources, partition_range = real_inputs(Path(args.data), data_dir, args.stocks)
+    art = run_graph(data_dir, partition_range, sources, sequence, first_fold=args.first_fold)
     reports = Path(args.reports)
     reports.mkdir(parents=True, exist_ok=True)
     for f in art.iterdir():

@@ -8,11 +8,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import dagster as dg
 import pytest
 
+from assets.resources import MarketSourcesResource
 from warehouse import DataPaths, Warehouse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,8 +42,12 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def _ingest_command(day: str) -> list[str]:
-    """The real CLI: materialize the three ingest assets for one daily partition."""
+UNTIL = "2024-01-04"  # the sources' cutoff: the 2024 partition holds 1-3 January
+
+
+def _ingest_command(year: str) -> list[str]:
+    """The real CLI: materialize the three ingest assets for one (year) partition."""
+    config = {"resources": {"sources": {"config": {"until": UNTIL}}}}
     return [
         str(BIN / "dagster"),
         "asset",
@@ -51,8 +57,19 @@ def _ingest_command(day: str) -> list[str]:
         "--select",
         "ohlcv_bars,onchain_metrics,macro_series",
         "--partition",
-        day,
+        year,
+        "--config-json",
+        json.dumps(config),
     ]
+
+
+def _expected_rows(*windows: tuple[datetime, datetime]) -> dict[str, int]:
+    """What the default (synthetic) sources hold for the windows."""
+    sources = MarketSourcesResource()
+    return {
+        t: sum(sources.source(t).fetch(a, b).height for a, b in windows)
+        for t in ("ohlcv", "onchain", "macro")
+    }
 
 
 @pytest.mark.slow
@@ -61,17 +78,19 @@ def test_dagster_asset_materialize_one_partition_lands_in_the_warehouse_and_the_
 ):
     env = _env(tmp_path)
     monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
-    cmd = _ingest_command("2024-01-02")
+    cmd = _ingest_command("2024")
     for _ in range(2):  # the second run replaces the partition instead of adding to it
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     wh = Warehouse(DataPaths.at(env["MAMBACAST_DATA_DIR"]))
-    assert wh.count("ohlcv") == 3  # BTC-USD and two stocks on a Tuesday
-    assert wh.count("macro") == 4 and wh.count("onchain") == 1
+    expected = _expected_rows((datetime(2024, 1, 1), datetime(2024, 1, 4)))
+    assert expected["ohlcv"] >= 3 + 2 * 2  # BTC-USD every day, the stocks on 2 and 3 January
+    assert {t: wh.count(t) for t in expected} == expected
+    assert wh.read("ohlcv")["ts"].max() == datetime(2024, 1, 3)  # nothing from the cutoff on
     with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         runs = instance.get_runs()
         assert len(runs) == 2 and all(r.is_success for r in runs)
-        assert runs[0].tags["dagster/partition"] == "2024-01-02"
+        assert runs[0].tags["dagster/partition"] == "2024"
 
 
 def _free_port() -> int:
@@ -137,16 +156,19 @@ def test_two_cli_runs_writing_different_partitions_at_once_both_succeed(tmp_path
     env = _env(tmp_path)
     procs = [
         subprocess.Popen(
-            _ingest_command(day),
+            _ingest_command(year),
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for day in ("2024-01-02", "2024-01-03")
+        for year in ("2023", "2024")
     ]
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e[-6000:] for e in errors]
     wh = Warehouse(DataPaths.at(env["MAMBACAST_DATA_DIR"]))
-    assert wh.count("ohlcv") == 6 and wh.count("macro") == 8 and wh.count("onchain") == 2
+    expected = _expected_rows(
+        (datetime(2023, 1, 1), datetime(2024, 1, 1)), (datetime(2024, 1, 1), datetime(2024, 1, 4))
+    )
+    assert {t: wh.count(t) for t in expected} == expected

@@ -1,4 +1,8 @@
+import json
+import subprocess
+import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import dagster as dg
 
@@ -27,6 +31,9 @@ EXPECTED_GROUPS = {
     "evaluation": {"evaluation"},
 }
 FOLD_ASSETS = {"model", "mamba_model", "sequence_baselines", "predictions", "backtest"}
+# what the assets compute with; loading the definitions (every CLI call, the forkserver of every
+# run) must not pay for it
+TRAINING_STACK = ("torch", "arch", "scipy", "matplotlib", "lightgbm", "sklearn")
 
 
 def test_asset_graph_has_the_expected_keys_and_edges():
@@ -46,11 +53,15 @@ def test_assets_are_in_their_stage_groups():
     assert groups == EXPECTED_GROUPS
 
 
-def test_ingest_assets_are_daily_partitioned_with_single_run_backfills():
+def test_ingest_assets_are_yearly_partitioned_from_1960_with_single_run_backfills():
     graph = defs.resolve_asset_graph()
     for name in EXPECTED_GROUPS["ingest"]:
         node = graph.get(dg.AssetKey(name))
-        assert isinstance(node.partitions_def, dg.DailyPartitionsDefinition)
+        keys = node.partitions_def.get_partition_keys(
+            current_time=datetime(2026, 12, 1, tzinfo=UTC)
+        )
+        # the whole history users have (FRED from 1962, Bitstamp from 2011) through this year
+        assert keys[0] == "1960" and keys[-1] == "2026" and len(keys) == 67
         assert node.backfill_policy == dg.BackfillPolicy.single_run()
     for name in FOLD_ASSETS:
         node = graph.get(dg.AssetKey(name))
@@ -95,12 +106,45 @@ def test_jobs_schedules_and_resources():
     assert set(defs.resources) == {"warehouse", "sources", "pipes_subprocess_client"}
 
 
-def test_daily_refresh_runs_yesterdays_partition():
-    ctx = dg.build_schedule_context(
-        scheduled_execution_time=datetime(2024, 5, 10, 1, 0, tzinfo=UTC)
+def _range(request: dg.RunRequest) -> tuple[str, str]:
+    return (
+        request.tags["dagster/asset_partition_range_start"],
+        request.tags["dagster/asset_partition_range_end"],
     )
-    result = daily_refresh_schedule.evaluate_tick(ctx)
-    assert [r.partition_key for r in result.run_requests] == ["2024-05-09"]
+
+
+def test_daily_refresh_runs_yesterdays_year_incrementally_and_catches_up_across_new_year(tmp_path):
+    # a throwaway instance of its own: instance_for_test leaves DAGSTER_HOME-bound state behind
+    # that breaks later in-process materializations in the same test process
+    with dg.DagsterInstance.local_temp(str(tmp_path)) as instance:
+        ctx = dg.build_schedule_context(
+            instance=instance, scheduled_execution_time=datetime(2024, 5, 10, 1, 0, tzinfo=UTC)
+        )
+        (request,) = daily_refresh_schedule.evaluate_tick(ctx).run_requests
+        assert _range(request) == ("2024", "2024")
+        assert request.run_config == {
+            "ops": {
+                name: {"config": {"incremental": True}}
+                for name in ("ohlcv_bars", "onchain_metrics", "macro_series")
+            }
+        }
+        assert request.run_key == "refresh-2024-05-10"
+        # on 1 January the new days are last year's
+        ctx = dg.build_schedule_context(
+            instance=instance, scheduled_execution_time=datetime(2025, 1, 1, 1, 0, tzinfo=UTC)
+        )
+        assert _range(daily_refresh_schedule.evaluate_tick(ctx).run_requests[0]) == ("2024", "2024")
+        # the daemon was down over new year: the run reaches back to the last ingested year
+        for asset in ("ohlcv_bars", "onchain_metrics", "macro_series"):
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(
+                    asset, partition="2024" if asset != "macro_series" else "2023"
+                )
+            )
+        ctx = dg.build_schedule_context(
+            instance=instance, scheduled_execution_time=datetime(2025, 1, 20, 1, 0, tzinfo=UTC)
+        )
+        assert _range(daily_refresh_schedule.evaluate_tick(ctx).run_requests[0]) == ("2023", "2025")
     job = defs.resolve_job_def("daily_refresh_job")
     selected = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
     assert selected == EXPECTED_GROUPS["ingest"] | EXPECTED_GROUPS["features"]
@@ -111,3 +155,19 @@ def test_weekly_retrain_requests_the_current_fold():
         scheduled_execution_time=datetime(2024, 5, 12, 3, 0, tzinfo=UTC)
     )
     assert weekly_retrain_schedule(ctx).partition_key == "2024"
+
+
+def test_loading_the_definitions_imports_no_training_stack():
+    code = (
+        "import json, sys; import pipelines.definitions; "
+        f"print(json.dumps([m for m in {TRAINING_STACK!r} if m in sys.modules]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []

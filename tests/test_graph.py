@@ -25,7 +25,7 @@ from warehouse import ArtifactStore, DataPaths, Lake, Warehouse
 from warehouse.sources.base import SourceFetchError, register
 from warehouse.sources.synthetic import SyntheticOHLCV
 
-START, END = "2016-01-01", "2021-12-31"
+START, END = "2016", "2021"  # ingest (year) partitions
 FOLDS = ("2020", "2021")  # the last two walk-forward folds of that range
 UPSTREAM = dg.AssetSelection.assets("training_dataset").upstream()
 FOLD_ASSETS = ["model", "mamba_model", "sequence_baselines", "predictions", "backtest"]
@@ -197,8 +197,8 @@ def test_rematerializing_a_partition_or_the_range_keeps_row_counts(built):
     wh = Warehouse(DataPaths.at(root))
     before = {t: wh.count(t) for t in ("ohlcv", "onchain", "macro")}
     ingest = dg.AssetSelection.groups("ingest")
-    assert _run(root, selection=ingest, partition_key="2020-06-15").success
-    assert _run(root, selection=ingest, tags=_range_tags("2019-01-01", "2019-12-31")).success
+    assert _run(root, selection=ingest, partition_key="2020").success
+    assert _run(root, selection=ingest, tags=_range_tags("2019", "2019")).success
     assert {t: wh.count(t) for t in before} == before
 
 
@@ -241,7 +241,7 @@ def test_a_failed_quality_check_blocks_everything_downstream(tmp_path):
     result = _run(
         root,
         selection=UPSTREAM,
-        tags=_range_tags("2019-01-01", "2019-12-31"),
+        tags=_range_tags("2019", "2019"),
         resources=resources,
         raise_on_error=False,
     )
@@ -266,7 +266,7 @@ def test_an_unknown_symbol_fails_the_run_before_anything_is_written(tmp_path):
         _run(
             root,
             selection=UPSTREAM,
-            tags=_range_tags("2019-01-01", "2019-01-31"),
+            tags=_range_tags("2019", "2019"),
             resources=resources,
         )
     assert "Unknown symbols ['NOPE'] for source 'synthetic'" in _messages(failure.value)
@@ -308,7 +308,12 @@ def test_the_ohlcv_source_is_chosen_through_run_config(tmp_path):
     config = {
         "resources": {
             "sources": {
-                "config": {"ohlcv_source": "file", "ohlcv_path": str(path), "symbols": ["BTC-USD"]}
+                "config": {
+                    "ohlcv_source": "file",
+                    "ohlcv_path": str(path),
+                    "symbols": ["BTC-USD"],
+                    "until": "2021-01-03",
+                }
             }
         }
     }
@@ -320,7 +325,7 @@ def test_the_ohlcv_source_is_chosen_through_run_config(tmp_path):
             "sources": MarketSourcesResource.configure_at_launch(),
         },
         run_config=config,
-        tags=_range_tags("2021-01-01", "2021-01-02"),
+        partition_key="2021",
     )
     assert result.success
     md = result.asset_materializations_for_node("ohlcv_bars")[0].metadata
@@ -358,7 +363,7 @@ def test_a_failed_fetch_leaves_the_warehouse_as_it_was(built, tmp_path):
         "sources": MarketSourcesResource(macro_source="truncated-test"),
     }
     with pytest.raises(Exception) as failure:
-        _run(root, selection=["macro_series"], partition_key="2020-06-15", resources=resources)
+        _run(root, selection=["macro_series"], partition_key="2020", resources=resources)
     assert "ended mid-record" in _messages(failure.value)
     assert wh.read("macro").equals(before)
 

@@ -174,8 +174,8 @@ def ingested(tmp_path_factory):
         selection=INGEST_ASSETS,
         resources=default_resources(str(root)),
         tags={
-            "dagster/asset_partition_range_start": "2017-01-01",
-            "dagster/asset_partition_range_end": "2020-12-31",
+            "dagster/asset_partition_range_start": "2017",
+            "dagster/asset_partition_range_end": "2020",
         },
     )
     assert result.success

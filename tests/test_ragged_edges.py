@@ -384,15 +384,15 @@ def test_the_real_files_with_the_issue_s_ragged_ends_do_not_block(real):
 def test_the_blocking_macro_check_passes_with_a_warning_when_a_series_ends_early(files, tmp_path):
     [check] = [c for c in QUALITY_CHECKS if {s.name for s in c.check_specs} == {"macro_quality"}]
     sources = MarketSourcesResource(
-        macro_source="fred_file", macro_path=str(files / "macro.csv"), macro_series=list(FOUR)
+        macro_source="fred_file",
+        macro_path=str(files / "macro.csv"),
+        macro_series=list(FOUR),
+        until="2021-04-01",
     )
     result = dg.materialize(
         [macro_series, check],
         resources={"warehouse": WarehouseResource(data_dir=str(tmp_path)), "sources": sources},
-        tags={
-            "dagster/asset_partition_range_start": "2021-02-01",
-            "dagster/asset_partition_range_end": "2021-03-31",
-        },
+        partition_key="2021",
     )
     assert result.success
     [evaluation] = result.get_asset_check_evaluations()

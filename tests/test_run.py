@@ -43,7 +43,8 @@ def test_real_inputs_point_the_file_connectors_at_the_shared_files(tmp_path):
     assert sources["ohlcv_source"] == "file" and sources["symbols"] == ["BTC-USD"]
     assert sources["onchain_source"] == "coinmetrics_csv"
     assert sources["macro_source"] == "fred_file"
-    assert days == "2012-01-01...2025-06-29"  # the last whole day before the files' end
+    assert days == "2011...2025"  # Bitstamp's whole history, from 2011-08-18
+    assert sources["until"] == "2025-06-30"  # the file's last, maybe incomplete, day is left out
     sources, _ = real_inputs(SHARED_DATA, tmp_path, stocks=True)
     bars = pl.read_parquet(sources["ohlcv_path"])
     assert sorted(bars["symbol"].unique()) == ["AAPL", "BTC-USD", "SPY"]

@@ -208,6 +208,20 @@ def test_csv_current_layout_takes_difficulty_from_diffmean_lukmol():
     assert df["tx_count"].to_list() == [390000.0, 410000.0, 455000.0]
 
 
+def test_csv_difficulty_of_zero_on_a_day_without_blocks_is_missing(tmp_path: Path):
+    # the head of ../shared/data's file: no block between the genesis block and block 1
+    path = tmp_path / "genesis.csv"
+    path.write_text(
+        "date,AdrActCnt,BlkCnt,FeeTotNtv,HashRate,TxCnt,DiffMean_lukmol\n"
+        "2009-01-03,0,0,0,,0,1\n"
+        "2009-01-04,0,0,0,,0,0\n"
+        "2009-01-09,19,14,0,9.4e-07,0,1\n"
+    )
+    df = CoinMetricsCsvOnchain(path).fetch(datetime(2009, 1, 1), datetime(2009, 2, 1))
+    assert df["difficulty"].to_list() == [1.0, None, 1.0]
+    assert df["tx_count"].to_list() == [0.0, 0.0, 0.0]
+
+
 def test_csv_legacy_layout_uses_diffmean():
     src = make_source("onchain", "coinmetrics_csv", path=str(CM / "legacy_like.csv"))
     df = src.fetch(datetime(2020, 7, 1), datetime(2020, 8, 1))

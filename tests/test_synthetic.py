@@ -130,10 +130,13 @@ def test_unknown_source_name_lists_the_available_ones():
         make_source("ohlcv", "bloomberg")
 
 
-def test_windows_outside_the_generated_horizon_are_refused():
+def test_windows_past_the_generated_horizon_are_refused_and_before_it_are_empty():
     src = make_source("macro", "synthetic")
     with pytest.raises(SourceError, match="covers"):
-        src.fetch(datetime(2005, 1, 1), datetime(2005, 2, 1))
+        src.fetch(datetime(2040, 12, 1), datetime(2041, 2, 1))
+    assert src.fetch(datetime(2005, 1, 1), datetime(2005, 2, 1)).height == 0
+    before = src.fetch(datetime(2011, 1, 1), datetime(2012, 2, 1))
+    assert before.height and before["date"].min() >= ORIGIN
     with pytest.raises(SourceError, match="not before"):
         src.fetch(datetime(2020, 2, 1), datetime(2020, 1, 1))
 

@@ -331,6 +331,12 @@ class CoinMetricsCsvOnchain(CsvFileSource[list[str]]):
                     f"{where}: the column feeding {c!r} holds non-numeric text {value!r}; "
                     "fix the file (missing values must be empty cells)"
                 )
+        # DiffMean is the mean difficulty of the day's blocks: on a day without blocks (5-8
+        # January 2009, between the genesis block and block 1) the files say 0 where there is
+        # no value; it is stored as missing, like the hash rate those days
+        casted = casted.with_columns(
+            difficulty=pl.when(pl.col("difficulty") > 0).then(pl.col("difficulty"))
+        )
         return casted.select([pl.col(c).cast(t) for c, t in ONCHAIN.columns.items()]).sort(
             "asset", "date"
         )

@@ -352,10 +352,10 @@ def _window(df: pl.DataFrame, col: str, start: datetime, end: datetime) -> pl.Da
     if start >= end:
         raise SourceError(f"Empty or inverted window: start {start} is not before end {end}")
     lo, hi = datetime(ORIGIN.year, ORIGIN.month, ORIGIN.day), datetime(HORIZON_END.year, 1, 1)
-    if start < lo or end > hi:
+    if end > hi:  # before its origin the market simply has no rows, like a real one
         raise SourceError(
             f"The synthetic market covers [{lo:%Y-%m-%d}, {hi:%Y-%m-%d}); "
-            f"window [{start:%Y-%m-%d}, {end:%Y-%m-%d}) is outside it"
+            f"window [{start:%Y-%m-%d}, {end:%Y-%m-%d}) runs past its end"
         )
     if df.schema[col] == pl.Date():
         return df.filter((pl.col(col) >= start.date()) & (pl.col(col) < end.date()))
