@@ -19,13 +19,24 @@ from assets.resources import MarketSourcesResource, WarehouseResource
 from warehouse import Warehouse
 from warehouse.schema import ohlcv_table
 
+# Days an incremental fetch re-reads before the newest stored row: sources revise their newest
+# rows (a day's volume, preliminary on-chain metrics, FRED values in csv mode), and a one-day
+# hole would otherwise stay. The window is replaced, so the overlap is rewritten, never doubled.
+OVERLAP_DAYS = {"ohlcv": 3, "onchain": 7, "macro": 30}
+
 
 class IngestConfig(dg.Config):
     incremental: bool = Field(
         default=False,
         description="Fetch only what is new: start after the newest stored bar (of the entity "
-        "that lags most) instead of at the partition's start. The daily refresh sets it; "
-        "without it the partition window is re-fetched and replaced whole",
+        "that lags most), less `overlap_days`, instead of at the partition's start. The daily "
+        "refresh sets it; without it the partition window is re-fetched and replaced whole",
+    )
+    overlap_days: int | None = Field(
+        default=None,
+        ge=0,
+        description="Days re-read before the resume point in incremental mode (default: 3 for "
+        "bars, 7 for on-chain rows, 30 for macro series, which are revised)",
     )
 
 
@@ -70,9 +81,13 @@ def ingest_window(
     if config.incremental:
         stored = ohlcv_table(timeframe) if table == "ohlcv" else table
         resume = resume_point(store, stored, list(source.entities), timeframe)
-        if resume is not None and resume > start:
-            context.log.info(f"Incremental: the newest stored {stored} rows end before {resume}")
-            start = resume
+        if resume is not None:
+            overlap = OVERLAP_DAYS[table] if config.overlap_days is None else config.overlap_days
+            context.log.info(
+                f"Incremental: the newest stored {stored} rows end before {resume:%Y-%m-%d}; "
+                f"fetching from {overlap} day(s) before it"
+            )
+            start = max(start, resume - timedelta(days=overlap))
     if start >= end:
         context.log.info(
             f"Nothing to fetch for {table}: the window [{start:%Y-%m-%d}, {end:%Y-%m-%d}) is "

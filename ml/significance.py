@@ -37,7 +37,7 @@ def _losses(name: str, x: np.ndarray) -> np.ndarray:
     return a
 
 
-def _per_timestamp(ts: np.ndarray | pl.Series, *columns: np.ndarray) -> list[np.ndarray]:
+def per_timestamp(ts: np.ndarray | pl.Series, *columns: np.ndarray) -> list[np.ndarray]:
     """Mean of each column over the rows sharing a timestamp, in increasing time order."""
     t = np.asarray(ts)
     if t.ndim != 1 or t.shape[0] != columns[0].shape[0]:
@@ -85,7 +85,7 @@ def diebold_mariano(
     if lags is not None and lags < 0:
         raise ValueError(f"lags must be >= 0; got {lags}")
     if ts is not None:
-        a, b = _per_timestamp(ts, a, b)
+        a, b = per_timestamp(ts, a, b)
     n = a.size
     # The Harvey factor is sqrt((n - h)(n - h + 1) / n^2): it needs more points than the horizon.
     if n <= horizon:
@@ -159,7 +159,7 @@ def model_confidence_set(
         shapes = {n: c.shape for n, c in zip(names, cols, strict=True)}
         raise ValueError(f"every forecaster's losses must cover the same rows; got {shapes}")
     if ts is not None:
-        cols = _per_timestamp(ts, *cols)
+        cols = per_timestamp(ts, *cols)
     t = cols[0].size
     if not isinstance(block, int | np.integer) or not 1 <= block <= t:
         raise ValueError(f"block must be an integer in 1..{t} (the series length); got {block!r}")
@@ -332,7 +332,7 @@ def compare(
         diff = _losses(f"losses[{model!r}]", losses[model]) - _losses(
             f"losses[{base!r}]", losses[base]
         )
-        (series,) = _per_timestamp(t, diff)
+        (series,) = per_timestamp(t, diff)
         lo, hi = block_bootstrap_ci(
             series, block=min(horizon, series.size), n_boot=n_boot, level=level, seed=seed
         )

@@ -13,7 +13,7 @@ from assets.evaluation import evaluation
 from assets.features import features, labels
 from assets.ingest import INGEST_ASSETS
 from assets.leakage import LEAKAGE_CHECKS
-from assets.partitions import fold_partitions
+from assets.partitions import fold_partitions, ingest_partitions
 from assets.quality import QUALITY_CHECKS
 from assets.resources import MarketSourcesResource, WarehouseResource
 from assets.training import (
@@ -65,31 +65,56 @@ retrain_job = dg.define_asset_job(
 )
 
 # The refresh runs the year partition(s) that the new days fall in, with `incremental` set on
-# each ingest asset: it fetches from the day after its newest stored bar to today 00:00 UTC.
-INCREMENTAL = {
-    "ops": {a.key.to_user_string(): {"config": {"incremental": True}} for a in INGEST_ASSETS}
-}
+# each ingest asset: it fetches from shortly before its newest stored bar to today 00:00 UTC.
+INCREMENTAL = {"ops": {a.op.name: {"config": {"incremental": True}} for a in INGEST_ASSETS}}
 
 
 def refresh_request(
     instance: dg.DagsterInstance, now: datetime, run_key: str | None = None
-) -> dg.RunRequest:
-    """The refresh run for `now`: from the year of the oldest latest ingest (so days missed
-    across a new year are caught up too) through the year of yesterday, in one run."""
+) -> dg.RunRequest | dg.SkipReason:
+    """The refresh run for `now`: from the newest ingested year of the asset that lags most (so
+    days missed across a new year are caught up too) through the year of yesterday, in one run.
+
+    Incremental unless a quality check of an ingest asset failed last time: then the years are
+    re-fetched whole, so a bad or missing row behind the newest one is not kept for good."""
     year = (now - timedelta(days=1)).year
-    first = year
+    newest = []
     for asset in INGEST_ASSETS:
-        event = instance.get_latest_materialization_event(asset.key)
-        partition = event.asset_materialization.partition if event else None
-        if event is None or partition is None:
-            continue
-        first = min(first, int(partition))
+        keys = [
+            k
+            for k in instance.get_materialized_partitions(asset.key)
+            if ingest_partitions.has_partition_key(k)  # not keys of an older partitioning
+        ]
+        if keys:
+            newest.append(max(keys))
+    if len(newest) < len(INGEST_ASSETS):
+        return dg.SkipReason(
+            "Nothing to refresh yet: backfill the history first, e.g. `dagster asset materialize "
+            "-m pipelines.definitions --select 'group:ingest' --partition-range 1960..."
+            f"{year}` (with the sources configured), then the schedule keeps it current"
+        )
+    failed = [
+        key.to_user_string()
+        for checks in QUALITY_CHECKS
+        for key in checks.check_keys
+        if key.asset_key in {a.key for a in INGEST_ASSETS}
+        and (record := instance.get_latest_asset_check_evaluation_record(key)) is not None
+        and record.event is not None
+        and record.event.asset_check_evaluation is not None
+        and not record.event.asset_check_evaluation.passed
+        and record.event.asset_check_evaluation.severity == dg.AssetCheckSeverity.ERROR
+    ]
+    first = min(int(min(newest)), year)
     return dg.RunRequest(
         run_key=run_key,
-        run_config=INCREMENTAL,
+        run_config={} if failed else INCREMENTAL,
         tags={
+            # Dagster's range tags (no public constant for them)
             "dagster/asset_partition_range_start": str(first),
             "dagster/asset_partition_range_end": str(year),
+            "mambacast/refresh": "full, after failed checks: " + ", ".join(failed)
+            if failed
+            else "incremental",
         },
     )
 
@@ -102,7 +127,9 @@ def refresh_request(
     description="Every day 01:00 UTC: fetch the days since the newest stored bar (yesterday, "
     "or every missed day) through ingest and checks, then rebuild features and labels.",
 )
-def daily_refresh_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+def daily_refresh_schedule(
+    context: dg.ScheduleEvaluationContext,
+) -> dg.RunRequest | dg.SkipReason:
     now = context.scheduled_execution_time
     return refresh_request(context.instance, now, run_key=f"refresh-{now:%Y-%m-%d}")
 

@@ -21,7 +21,7 @@ pl.Config.set_tbl_cols(12)
 # the targets and metrics the summary prints (the HTML report has them all)
 HEADLINE = {
     "direction_90": ["log_loss", "brier", "balanced_accuracy"],
-    "quantiles_90": ["loss", "coverage", "coverage_low", "coverage_high", "winkler"],
+    "quantiles_90": ["loss", "coverage", "coverage_ci95_low", "coverage_ci95_high", "winkler"],
     "sigma_30": ["qlike", "mz_r2"],
     "returns_30": ["mae", "rank_ic", "hit_rate"],
 }

@@ -113,38 +113,56 @@ def _range(request: dg.RunRequest) -> tuple[str, str]:
     )
 
 
+def _tick(instance, when: datetime):
+    ctx = dg.build_schedule_context(instance=instance, scheduled_execution_time=when)
+    return daily_refresh_schedule.evaluate_tick(ctx)
+
+
+def _ingested(instance, partitions: dict[str, str]) -> None:
+    for asset, key in partitions.items():
+        instance.report_runless_asset_event(dg.AssetMaterialization(asset, partition=key))
+
+
 def test_daily_refresh_runs_yesterdays_year_incrementally_and_catches_up_across_new_year(tmp_path):
     # a throwaway instance of its own: instance_for_test leaves DAGSTER_HOME-bound state behind
     # that breaks later in-process materializations in the same test process
+    ingest = ("ohlcv_bars", "onchain_metrics", "macro_series")
     with dg.DagsterInstance.local_temp(str(tmp_path)) as instance:
-        ctx = dg.build_schedule_context(
-            instance=instance, scheduled_execution_time=datetime(2024, 5, 10, 1, 0, tzinfo=UTC)
-        )
-        (request,) = daily_refresh_schedule.evaluate_tick(ctx).run_requests
+        # nothing ingested yet: a refresh would fetch one year only; it asks for the backfill
+        skipped = _tick(instance, datetime(2024, 5, 10, 1, 0, tzinfo=UTC))
+        assert not skipped.run_requests and "backfill the history first" in skipped.skip_message
+        # keys of the former daily partitioning are ignored, not parsed as years
+        _ingested(instance, dict.fromkeys(ingest, "2024-03-05"))
+        assert _tick(instance, datetime(2024, 5, 10, 1, 0, tzinfo=UTC)).skip_message
+        _ingested(instance, dict.fromkeys(ingest, "2024") | {"ohlcv_bars": "2023"})
+        _ingested(instance, {"ohlcv_bars": "2024"})
+        (request,) = _tick(instance, datetime(2024, 5, 10, 1, 0, tzinfo=UTC)).run_requests
         assert _range(request) == ("2024", "2024")
-        assert request.run_config == {
-            "ops": {
-                name: {"config": {"incremental": True}}
-                for name in ("ohlcv_bars", "onchain_metrics", "macro_series")
-            }
-        }
+        assert request.run_config == {"ops": {a: {"config": {"incremental": True}} for a in ingest}}
         assert request.run_key == "refresh-2024-05-10"
         # on 1 January the new days are last year's
-        ctx = dg.build_schedule_context(
-            instance=instance, scheduled_execution_time=datetime(2025, 1, 1, 1, 0, tzinfo=UTC)
-        )
-        assert _range(daily_refresh_schedule.evaluate_tick(ctx).run_requests[0]) == ("2024", "2024")
-        # the daemon was down over new year: the run reaches back to the last ingested year
-        for asset in ("ohlcv_bars", "onchain_metrics", "macro_series"):
-            instance.report_runless_asset_event(
-                dg.AssetMaterialization(
-                    asset, partition="2024" if asset != "macro_series" else "2023"
-                )
+        (request,) = _tick(instance, datetime(2025, 1, 1, 1, 0, tzinfo=UTC)).run_requests
+        assert _range(request) == ("2024", "2024")
+        # a year later (the daemon was down over new year): from the newest year ingested of the
+        # asset that lags most, through this one
+        (request,) = _tick(instance, datetime(2025, 1, 20, 1, 0, tzinfo=UTC)).run_requests
+        assert _range(request) == ("2024", "2025")
+        # a re-run of an old year does not drag the refresh back to it
+        _ingested(instance, {"macro_series": "2015"})
+        (request,) = _tick(instance, datetime(2025, 1, 20, 1, 0, tzinfo=UTC)).run_requests
+        assert _range(request) == ("2024", "2025")
+        # after a failed blocking check the years are re-fetched whole, not incrementally
+        instance.report_runless_asset_event(
+            dg.AssetCheckEvaluation(
+                asset_key=dg.AssetKey("ohlcv_bars"),
+                check_name="ohlcv_quality",
+                passed=False,
+                severity=dg.AssetCheckSeverity.ERROR,
             )
-        ctx = dg.build_schedule_context(
-            instance=instance, scheduled_execution_time=datetime(2025, 1, 20, 1, 0, tzinfo=UTC)
         )
-        assert _range(daily_refresh_schedule.evaluate_tick(ctx).run_requests[0]) == ("2023", "2025")
+        (request,) = _tick(instance, datetime(2025, 1, 21, 1, 0, tzinfo=UTC)).run_requests
+        assert request.run_config == {}
+        assert "ohlcv_bars:ohlcv_quality" in request.tags["mambacast/refresh"]
     job = defs.resolve_job_def("daily_refresh_job")
     selected = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
     assert selected == EXPECTED_GROUPS["ingest"] | EXPECTED_GROUPS["features"]

@@ -7,7 +7,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from assets.ingest import INGEST_ASSETS, resume_point
+from assets.ingest import INGEST_ASSETS, OVERLAP_DAYS, resume_point
 from assets.quality import QUALITY_CHECKS
 from assets.resources import MarketSourcesResource
 from pipelines.definitions import ALL_ASSETS, INCREMENTAL, default_resources, refresh_request
@@ -101,12 +101,14 @@ def test_three_day_refresh_on_a_growing_file_adds_exactly_one_day_each_time(mark
                 instance=instance,
             )
             assert result.success
-            # each ingest fetched and wrote only the new day
-            for asset in ("ohlcv_bars", "onchain_metrics", "macro_series"):
+            # each ingest fetched the new day and re-read its overlap before it (rewritten, not
+            # added: the window is replaced)
+            for asset, table in (("ohlcv_bars", "ohlcv"), ("onchain_metrics", "onchain")):
                 (md,) = [m.metadata for m in result.asset_materializations_for_node(asset)]
-                yesterday = today - timedelta(days=1)
-                assert md["window"].value == f"[{yesterday:%Y-%m-%d}, {today:%Y-%m-%d})", asset
-                assert md["rows_replaced"].value == 0, asset
+                since = today - timedelta(days=1 + OVERLAP_DAYS[table])
+                assert md["window"].value == f"[{since:%Y-%m-%d}, {today:%Y-%m-%d})", asset
+                assert md["rows_inserted"].value - md["rows_replaced"].value == 1, asset
+                assert md["rows_replaced"].value == OVERLAP_DAYS[table], asset
             after = _counts(root)
             grew = {k: after[k] - before[k] for k in after}
             # one bar, one on-chain row, one row per macro series (three daily ones, the dollar
@@ -118,7 +120,7 @@ def test_three_day_refresh_on_a_growing_file_adds_exactly_one_day_each_time(mark
         assert Warehouse(DataPaths.at(root)).read("ohlcv")["ts"].max() == FIRST + timedelta(days=2)
 
 
-def test_an_incremental_refresh_with_nothing_new_writes_nothing(market):
+def test_an_incremental_refresh_with_nothing_new_rewrites_only_its_overlap(market):
     root, sources = market
     src = sources(FIRST)
     tags = {
@@ -129,6 +131,12 @@ def test_an_incremental_refresh_with_nothing_new_writes_nothing(market):
     before = Warehouse(DataPaths.at(root)).read("ohlcv")
     result = _run(root, src, tags, INCREMENTAL)
     assert result.success
+    (md,) = [m.metadata for m in result.asset_materializations_for_node("ohlcv_bars")]
+    assert md["rows_inserted"].value == md["rows_replaced"].value == OVERLAP_DAYS["ohlcv"]
+    assert Warehouse(DataPaths.at(root)).read("ohlcv").equals(before)
+    # with no overlap there is nothing to fetch at all
+    no_overlap = {"ops": {"ohlcv_bars": {"config": {"incremental": True, "overlap_days": 0}}}}
+    result = _run(root, src, tags, no_overlap)
     (md,) = [m.metadata for m in result.asset_materializations_for_node("ohlcv_bars")]
     assert md["rows_inserted"].value == 0 and md["window"].value.startswith("empty")
     assert Warehouse(DataPaths.at(root)).read("ohlcv").equals(before)
