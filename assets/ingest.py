@@ -137,6 +137,11 @@ def ingest_window(
 
 _COMMON = {
     "partitions_def": ingest_partitions,
+    # the daily refresh runs at 01:00 UTC: by 03:00 each ingest should have been materialized
+    # since 01:00, or the UI marks it stale (the schedule starts stopped: stale until turned on)
+    "freshness_policy": dg.FreshnessPolicy.cron(
+        deadline_cron="0 3 * * *", lower_bound_delta=timedelta(hours=2)
+    ),
     "backfill_policy": SINGLE_RUN,
     "group_name": "ingest",
     "kinds": {"duckdb", "polars"},
