@@ -11,7 +11,7 @@ import polars as pl
 from assets.backtest import TRADED, BacktestSettings, backtest, backtest_grid
 from assets.metadata import png_md, table_md
 from assets.partitions import SINGLE_RUN
-from assets.resources import WarehouseResource
+from assets.resources import DUCKDB_POOL, WarehouseResource
 from assets.training import KEEP_VERSIONS, _targets, predictions
 from warehouse.artifacts import ArtifactError, content_version
 
@@ -57,6 +57,7 @@ def stitched_predictions(warehouse: WarehouseResource, log) -> tuple[pl.DataFram
 @dg.asset(
     deps=[predictions, backtest],
     group_name="evaluation",
+    pool=DUCKDB_POOL,  # refreshes its DuckDB view
     kinds={"polars", "matplotlib"},
     code_version="2",
     backfill_policy=SINGLE_RUN,

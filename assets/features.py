@@ -17,7 +17,7 @@ import polars as pl
 from assets.ingest import macro_series, ohlcv_bars, onchain_metrics
 from assets.metadata import frame_summary, table_md
 from assets.partitions import SINGLE_RUN
-from assets.resources import WarehouseResource
+from assets.resources import DUCKDB_POOL, WarehouseResource
 from ml.features import (
     FeatureConfig,
     compute_features,
@@ -48,6 +48,7 @@ def _require_rows(table: str, n: int) -> None:
 @dg.asset(
     deps=[ohlcv_bars, onchain_metrics, macro_series],
     group_name="features",
+    pool=DUCKDB_POOL,  # refreshes its DuckDB view
     kinds={"polars", "parquet"},
     code_version="1",
     backfill_policy=SINGLE_RUN,
@@ -133,6 +134,7 @@ def features(
 @dg.asset(
     deps=[ohlcv_bars],
     group_name="features",
+    pool=DUCKDB_POOL,  # refreshes its DuckDB view
     kinds={"polars", "parquet"},
     code_version="1",
     backfill_policy=SINGLE_RUN,

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from assets.metadata import table_md
 from assets.partitions import SINGLE_RUN, ingest_partitions
-from assets.resources import MarketSourcesResource, WarehouseResource
+from assets.resources import DUCKDB_POOL, MarketSourcesResource, WarehouseResource
 from warehouse import Warehouse
 from warehouse.schema import ohlcv_table
 
@@ -144,6 +144,7 @@ _COMMON = {
     ),
     "backfill_policy": SINGLE_RUN,
     "group_name": "ingest",
+    "pool": DUCKDB_POOL,
     "kinds": {"duckdb", "polars"},
     "code_version": "2",
 }

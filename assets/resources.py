@@ -12,6 +12,12 @@ from warehouse.sources import Source, make_source
 from warehouse.sources.base import accepted_options
 from warehouse.sources.synthetic import MACRO_SERIES, ONCHAIN_ASSETS, SYMBOLS
 
+# DuckDB allows one writer process at a time: every asset that writes warehouse.duckdb (the
+# ingest tables, the lake views) is in this Dagster concurrency pool, which the instance
+# (pipelines/dagster.yaml) limits to one step across all runs; the warehouse's file lock stays as
+# the guard for writers outside Dagster.
+DUCKDB_POOL = "duckdb_writer"
+
 
 class WarehouseResource(dg.ConfigurableResource):
     """The data directory: DuckDB file, Parquet lake and artifact store."""

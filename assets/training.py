@@ -19,7 +19,7 @@ import polars as pl
 from assets.features import features, labels
 from assets.metadata import frame_summary, table_md
 from assets.partitions import FOLD_MONTHS, SINGLE_RUN, fold_partitions
-from assets.resources import WarehouseResource
+from assets.resources import DUCKDB_POOL, WarehouseResource
 from ml.labels import LabelConfig
 from ml.sequence_names import MAMBA2, SEQUENCE_BASELINE_NAMES
 from ml.walkforward import Fold, WalkForwardConfig, assign_fold, walk_forward_folds
@@ -47,6 +47,7 @@ class WalkForwardSettings(dg.Config):
 @dg.asset(
     deps=[features, labels],
     group_name="training",
+    pool=DUCKDB_POOL,  # refreshes its DuckDB view
     kinds={"polars", "parquet"},
     code_version="2",
     backfill_policy=SINGLE_RUN,

@@ -1,5 +1,6 @@
 """The real command-line entry points, run as a user would, in subprocesses."""
 
+import itertools
 import json
 import os
 import shutil
@@ -152,8 +153,9 @@ def test_webserver_serves_the_graph_on_localhost(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_cli_runs_writing_different_partitions_at_once_both_succeed(tmp_path):
+def test_two_cli_runs_writing_different_partitions_at_once_both_succeed(tmp_path, monkeypatch):
     env = _env(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
     procs = [
         subprocess.Popen(
             _ingest_command(year),
@@ -172,3 +174,15 @@ def test_two_cli_runs_writing_different_partitions_at_once_both_succeed(tmp_path
         (datetime(2023, 1, 1), datetime(2024, 1, 1)), (datetime(2024, 1, 1), datetime(2024, 1, 4))
     )
     assert {t: wh.count(t) for t in expected} == expected
+    # the DuckDB writers share one concurrency slot (pipelines/dagster.yaml): across both runs,
+    # no two ingest steps ran at the same time
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        spans = sorted(
+            (s.start_time, s.end_time, s.step_key)
+            for run in instance.get_runs()
+            for s in instance.get_run_step_stats(run.run_id)
+            if s.step_key in ("ohlcv_bars", "onchain_metrics", "macro_series")
+        )
+    assert len(spans) == 6, spans
+    for (_, end, a), (start, _, b) in itertools.pairwise(spans):
+        assert start >= end - 0.05, f"{a} and {b} overlapped"

@@ -63,6 +63,7 @@ def test_ingest_assets_are_yearly_partitioned_from_1960_with_single_run_backfill
         # the whole history users have (FRED from 1962, Bitstamp from 2011) through this year
         assert keys[0] == "1960" and keys[-1] == "2026" and len(keys) == 67
         assert node.backfill_policy == dg.BackfillPolicy.single_run()
+        assert node.pools == {"duckdb_writer"}  # one DuckDB writer at a time, across runs
         # fresh by 03:00 UTC after the 01:00 refresh
         policy = node.freshness_policy
         assert policy.deadline_cron == "0 3 * * *" and policy.lower_bound_delta.seconds == 7200
