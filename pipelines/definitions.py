@@ -23,6 +23,7 @@ from assets.training import (
     sequence_baselines,
     training_dataset,
 )
+from pipelines.alerts import AlertsResource, run_failure_alert
 from warehouse.paths import DEFAULT_DATA_DIR
 
 ALL_ASSETS = [
@@ -147,6 +148,9 @@ def weekly_retrain_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequ
     return dg.RunRequest(partition_key=keys[-1])
 
 
+ALERT_WEBHOOK_ENV = "MAMBACAST_ALERT_WEBHOOK"
+
+
 def default_resources(data_dir: str | None = None) -> dict[str, dg.ConfigurableResource]:
     root = data_dir or os.environ.get("MAMBACAST_DATA_DIR") or DEFAULT_DATA_DIR
     return {
@@ -155,6 +159,10 @@ def default_resources(data_dir: str | None = None) -> dict[str, dg.ConfigurableR
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
         "sources": MarketSourcesResource(
             fred_api_key=dg.EnvVar("FRED_API_KEY") if os.environ.get("FRED_API_KEY") else None
+        ),
+        # the webhook URL carries its token: an EnvVar reference too
+        "alerts": AlertsResource(
+            webhook_url=dg.EnvVar(ALERT_WEBHOOK_ENV) if os.environ.get(ALERT_WEBHOOK_ENV) else None
         ),
     }
 
@@ -180,6 +188,7 @@ defs = dg.Definitions(
     asset_checks=[*QUALITY_CHECKS, *LEAKAGE_CHECKS],
     jobs=[ingest_job, features_job, daily_refresh_job, retrain_job],
     schedules=[daily_refresh_schedule, weekly_retrain_schedule],
+    sensors=[run_failure_alert],
     resources=default_resources(),
     executor=executor,
 )

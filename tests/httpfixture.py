@@ -50,6 +50,8 @@ class Request:
     path: str
     query: dict[str, str]  # last value of each parameter
     raw: str  # the request target as received
+    method: str = "GET"
+    body: bytes = b""  # what a POST sent
 
 
 class ReplayServer:
@@ -89,10 +91,18 @@ class ReplayServer:
             protocol_version = "HTTP/1.0"  # one request per connection: nothing left open
 
             def do_GET(self) -> None:
+                self._serve(b"")
+
+            def do_POST(self) -> None:
+                self._serve(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+
+            def _serve(self, body_in: bytes) -> None:
                 parts = urlsplit(self.path)
                 query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
                 with server._lock:
-                    server.requests.append(Request(parts.path, query, self.path))
+                    server.requests.append(
+                        Request(parts.path, query, self.path, self.command, body_in)
+                    )
                 reply = server._next(parts.path)
                 body = reply.body.encode() if isinstance(reply.body, str) else reply.body
                 self.send_response(reply.status)

@@ -107,7 +107,8 @@ def test_jobs_schedules_and_resources():
     assert daily_refresh_schedule.job_name == "daily_refresh_job"
     assert daily_refresh_schedule.cron_schedule == "0 1 * * *"
     assert weekly_retrain_schedule.job_name == "retrain_job"
-    assert set(defs.resources) == {"warehouse", "sources", "pipes_subprocess_client"}
+    assert set(defs.resources) == {"warehouse", "sources", "pipes_subprocess_client", "alerts"}
+    assert {s.name for s in defs.sensors} == {"run_failure_alert"}
 
 
 def _range(request: dg.RunRequest) -> tuple[str, str]:
