@@ -12,13 +12,14 @@ fail the sensor: the alert is still in the sensor's log.
 
 from __future__ import annotations
 
-import logging
+import json
+import urllib.request
 from urllib.parse import urlsplit
 
 import dagster as dg
-import requests
 from pydantic import Field
 
+MAX_SUMMARY = 1500  # characters: chat webhooks cut long messages
 PARTITION_TAGS = (
     "dagster/partition",
     "dagster/asset_partition_range_start",
@@ -32,27 +33,31 @@ class AlertsResource(dg.ConfigurableResource):
     webhook_url: str | None = Field(
         default=None, description="JSON POST endpoint for alerts (from MAMBACAST_ALERT_WEBHOOK)"
     )
-    timeout_s: float = Field(default=10.0, gt=0, description="Webhook request timeout")
+    timeout_s: float = Field(default=5.0, gt=0, description="Webhook request timeout")
 
     def send(self, payload: dict, log) -> bool:
         """Log the alert; post it when a webhook is set. Returns whether a post succeeded."""
         log.warning(f"ALERT {payload['kind']}: {payload['summary']}")
         if not self.webhook_url:
             return False
-        host = urlsplit(self.webhook_url).hostname or "?"  # the URL itself may hold a token
-        body = {"text": payload["summary"], **payload}  # "text": what chat webhooks display
-        # urllib3 logs each request line (the URL's path, the token) at DEBUG: not for this one
-        quiet = logging.getLogger("urllib3")
-        level = quiet.level
-        quiet.setLevel(max(level, logging.INFO))
+        # urllib, not requests: urllib3 logs each request line (the URL's path, often the token)
+        # at DEBUG; urllib logs nothing, and only the error's class name is logged here
         try:
-            response = requests.post(self.webhook_url, json=body, timeout=self.timeout_s)
-            response.raise_for_status()
-        except requests.RequestException as exc:
-            log.error(f"Alert webhook at {host} failed: {type(exc).__name__}")
+            host = urlsplit(self.webhook_url).hostname or "?"
+            body = json.dumps({"text": payload["summary"], **payload}).encode()  # "text": chats
+            request = urllib.request.Request(
+                self.webhook_url,
+                data=body,
+                headers={"Content-Type": "application/json"},
+                method="POST",
+            )
+            if urlsplit(self.webhook_url).scheme not in ("http", "https"):
+                raise ValueError("not an http(s) URL")
+            with urllib.request.urlopen(request, timeout=self.timeout_s):
+                pass
+        except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors
+            log.error(f"Alert webhook failed: {type(exc).__name__}")
             return False
-        finally:
-            quiet.setLevel(level)
         log.info(f"Alert posted to the webhook at {host}")
         return True
 
@@ -65,7 +70,13 @@ def failed_blocking_checks(instance: dg.DagsterInstance, run_id: str) -> list[st
     failed = []
     for record in records:
         evaluation = record.event_log_entry.dagster_event.event_specific_data
-        if not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.ERROR:
+        # only blocking checks failing at ERROR stop what is downstream
+        blocking = evaluation.blocking is not False
+        if (
+            blocking
+            and not evaluation.passed
+            and evaluation.severity == dg.AssetCheckSeverity.ERROR
+        ):
             failed.append(f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}")
     return failed
 
@@ -75,12 +86,21 @@ def failure_payload(context: dg.RunFailureSensorContext) -> dict:
     checks = failed_blocking_checks(context.instance, run.run_id)
     partitions = {k.removeprefix("dagster/"): v for k, v in run.tags.items() if k in PARTITION_TAGS}
     where = f"run {run.run_id[:8]} of {run.job_name}" + (f" {partitions}" if partitions else "")
+    errors = [
+        f"{e.step_key}: {e.step_failure_data.error.message.strip()}"
+        for e in context.get_step_failure_events()
+        if e.step_failure_data and e.step_failure_data.error
+    ]
     if checks:
         kind = "blocking_check_failure"
         summary = f"Blocking checks failed in {where}: {', '.join(checks)}; downstream not built"
     else:
         kind = "run_failure"
         summary = f"{where} failed: {context.failure_event.message or 'no message'}"
+    step_errors = "; ".join(e for e in errors if "blocking asset check" not in e)
+    if step_errors:
+        summary += f". Step errors: {step_errors}"
+    summary = summary if len(summary) <= MAX_SUMMARY else summary[: MAX_SUMMARY - 3] + "..."
     return {
         "kind": kind,
         "summary": summary,
@@ -94,6 +114,9 @@ def failure_payload(context: dg.RunFailureSensorContext) -> dict:
 @dg.run_failure_sensor(
     name="run_failure_alert",
     default_status=dg.DefaultSensorStatus.RUNNING,
+    # runs of `dagster asset materialize` (make demo, make evaluate) carry no code-location
+    # origin; without this the sensor would see only runs launched by schedules or the UI
+    monitor_all_code_locations=True,
     description="Every failed run (and every blocking check failure that stopped one) is logged "
     "and, with MAMBACAST_ALERT_WEBHOOK set, posted to that webhook as JSON.",
 )

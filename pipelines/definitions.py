@@ -172,8 +172,8 @@ def default_resources(data_dir: str | None = None) -> dict[str, dg.ConfigurableR
 # Expectations is preloaded too: every quality check needs it and it takes ~3 s to import, once
 # instead of once per check. The training stacks (torch, LightGBM, scipy, matplotlib) are not
 # preloaded: the few steps using them import them.
-# Three at a time lets the three ingest assets run side by side; DuckDB writes are serialized by
-# the warehouse's file lock, not by the executor.
+# Three at a time lets steps run side by side; DuckDB writers are serialized across runs by the
+# `duckdb_writer` concurrency pool (and the warehouse's file lock), not by the executor.
 executor = dg.multiprocess_executor.configured(
     {
         "max_concurrent": 3,

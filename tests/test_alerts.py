@@ -103,7 +103,7 @@ def test_a_broken_webhook_is_logged_and_the_alert_stays_in_the_log(http_server, 
     with caplog.at_level(logging.INFO, logger="alerts-test"):
         assert alerts.send({"kind": "run_failure", "summary": "boom"}, log) is False
     assert "ALERT run_failure: boom" in caplog.text
-    assert "webhook at 127.0.0.1 failed: HTTPError" in caplog.text
+    assert "Alert webhook failed: HTTPError" in caplog.text
     # without a webhook the alert is only logged
     assert AlertsResource().send({"kind": "run_failure", "summary": "boom"}, log) is False
 
@@ -120,3 +120,52 @@ def test_the_definitions_take_the_webhook_from_an_env_var(monkeypatch, tmp_path,
         assert alerts.webhook_url.env_var_name == "MAMBACAST_ALERT_WEBHOOK"
     else:
         assert alerts.webhook_url is None
+
+
+def test_the_sensor_alerts_on_runs_without_a_code_location_like_cli_runs(tmp_path, http_server):
+    """`dagster asset materialize` runs (make demo, make evaluate) carry no code-location origin:
+    the sensor still picks them up on its next tick."""
+    from pipelines.definitions import defs
+
+    http_server.route("/hook", Reply(200, b"ok", content_type="text/plain"))
+    (tmp_path / "home").mkdir()
+    instance = dg.DagsterInstance.local_temp(str(tmp_path / "home"))
+    resources = {"alerts": AlertsResource(webhook_url=f"{http_server.url}/hook")}
+
+    def tick(cursor):
+        ctx = dg.build_sensor_context(
+            instance=instance,
+            repository_def=defs.get_repository_def(),
+            repository_name="__repository__",
+            cursor=cursor,
+            resources=resources,
+        )
+        return run_failure_alert.evaluate_tick(ctx)
+
+    first = tick(None)  # starts watching from now
+    result = dg.materialize(
+        [*INGEST_ASSETS],
+        selection=[INGEST_ASSETS[0]],
+        resources={
+            **default_resources(str(tmp_path / "data")),
+            "sources": MarketSourcesResource(until="2019/03/01"),
+        },
+        partition_key="2019",
+        instance=instance,
+        raise_on_error=False,
+    )
+    assert not result.success
+    tick(first.cursor)
+    (post,) = [r for r in http_server.requests if r.method == "POST"]
+    assert json.loads(post.body)["run_id"] == result.run_id
+
+
+def test_a_webhook_that_is_not_http_is_refused_without_reading_anything(tmp_path, caplog):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not read")
+    log = logging.getLogger("alerts-test")
+    with caplog.at_level(logging.INFO, logger="alerts-test"):
+        sent = AlertsResource(webhook_url=f"file://{secret}").send(
+            {"kind": "run_failure", "summary": "boom"}, log
+        )
+    assert sent is False and "Alert webhook failed: ValueError" in caplog.text
