@@ -77,9 +77,9 @@ def ingest_window(
     source = sources.source(table)
     store = warehouse.warehouse()
     timeframe = getattr(source, "timeframe", "1d")
+    stored = ohlcv_table(timeframe) if table == "ohlcv" else table  # the table written
     start, end = partition_window(context, sources)
     if config.incremental:
-        stored = ohlcv_table(timeframe) if table == "ohlcv" else table
         resume = resume_point(store, stored, list(source.entities), timeframe)
         if resume is not None:
             overlap = OVERLAP_DAYS[table] if config.overlap_days is None else config.overlap_days
@@ -96,11 +96,11 @@ def ingest_window(
         return dg.MaterializeResult(
             metadata={
                 "source": source.name,
-                "window": f"empty: nothing before the cutoff {sources.cutoff():%Y-%m-%d} to fetch",
+                "window": f"empty: nothing to fetch before {end:%Y-%m-%d}",
                 "timeframe": timeframe,
                 "rows_inserted": 0,
                 "rows_replaced": 0,
-                "table_rows": store.count(ohlcv_table(timeframe) if table == "ohlcv" else table),
+                "table_rows": store.count(stored),
             }
         )
     context.log.info(

@@ -72,6 +72,16 @@ def _runs(home: str) -> list[dict]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _timed(cmd: list[str], env: dict[str, str], what: str) -> float:
+    """Run `cmd` from the project root; its wall seconds, or exit with its output's tail."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"{what} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
+    return seconds
+
+
 def backfill(data: Path | None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="mambacast-backfill-"))
     env = _instance(work)
@@ -99,11 +109,7 @@ def backfill(data: Path | None) -> dict:
     if sources:
         cmd += ["--config-json", json.dumps({"resources": {"sources": {"config": sources}}})]
     print(f"backfill: {' '.join(cmd[:9])} ({what})", flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"backfill failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    seconds = _timed(cmd, env, "backfill")
     (run,) = _runs(env["DAGSTER_HOME"])
     counts = subprocess.run(
         [
@@ -135,11 +141,7 @@ def demo() -> dict:
     env = _instance(work)
     cmd = [sys.executable, "-m", "pipelines.run", "demo"]
     print(f"demo: {' '.join(cmd)} (data dir {work})", flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"demo failed ({proc.returncode}):\n{proc.stdout[-4000:]}")
+    seconds = _timed(cmd, env, "demo")
     runs = _runs(env["DAGSTER_HOME"])
     shutil.rmtree(work, ignore_errors=True)
     steps: dict[str, float] = {}

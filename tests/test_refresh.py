@@ -31,7 +31,7 @@ def _write_bars(bars: pl.DataFrame, path, until: datetime) -> None:
 
 
 def _run(
-    root, sources: MarketSourcesResource, tags: dict, run_config=None
+    root, sources: MarketSourcesResource, tags: dict, run_config=None, instance=None
 ) -> dg.ExecuteInProcessResult:
     return dg.materialize(
         [*ALL_ASSETS, *QUALITY_CHECKS],
@@ -39,6 +39,7 @@ def _run(
         resources={**default_resources(str(root)), "sources": sources},
         tags=tags,
         run_config=run_config,
+        instance=instance,
     )
 
 
@@ -77,13 +78,7 @@ def test_three_day_refresh_on_a_growing_file_adds_exactly_one_day_each_time(mark
     # a throwaway instance of its own: instance_for_test leaves DAGSTER_HOME-bound state behind
     # that breaks later in-process materializations in the same test process
     with dg.DagsterInstance.local_temp(str(tmp_path)) as instance:
-        result = dg.materialize(
-            [*ALL_ASSETS, *QUALITY_CHECKS],
-            selection=REFRESH,
-            resources={**default_resources(str(root)), "sources": sources(FIRST)},
-            tags=backfill,
-            instance=instance,
-        )
+        result = _run(root, sources(FIRST), backfill, instance=instance)
         assert result.success
         before = _counts(root)
         newest = Warehouse(DataPaths.at(root)).read("ohlcv")["ts"].max()
@@ -92,14 +87,7 @@ def test_three_day_refresh_on_a_growing_file_adds_exactly_one_day_each_time(mark
             today = FIRST + timedelta(days=day)
             request = refresh_request(instance, today + timedelta(hours=1))
             assert request.run_config == INCREMENTAL
-            result = dg.materialize(
-                [*ALL_ASSETS, *QUALITY_CHECKS],
-                selection=REFRESH,
-                resources={**default_resources(str(root)), "sources": sources(today)},
-                tags=request.tags,
-                run_config=request.run_config,
-                instance=instance,
-            )
+            result = _run(root, sources(today), request.tags, request.run_config, instance)
             assert result.success
             # each ingest fetched the new day and re-read its overlap before it (rewritten, not
             # added: the window is replaced)
