@@ -44,6 +44,23 @@ class WalkForwardSettings(dg.Config):
         return WalkForwardConfig(step_months=FOLD_MONTHS, **self.model_dump())
 
 
+def dataset_rows(lake) -> pl.DataFrame:
+    """Every row as the training dataset holds it: the stored features (prices and the model
+    inputs) joined to the labels (null where their window runs past the data), past the
+    features' warm-up, sorted by (symbol, ts). `latest_forecast` reads the newest rows so."""
+    fmeta = lake.read_meta("features")
+    feats, labs = lake.read("features"), lake.read("labels")
+    cols = fmeta["model_columns"]
+    warm = [c for c in cols if c not in fmeta["onchain_columns"]]
+    price = [c for c in ("open", "high", "low", "close", "log_close") if c in feats.columns]
+    return (
+        feats.select(["symbol", "ts", *price, *cols])
+        .join(labs, on=["symbol", "ts"], how="inner")
+        .drop_nulls(warm)
+        .sort(["symbol", "ts"])
+    )
+
+
 @dg.asset(
     deps=[features, labels],
     group_name="training",
@@ -63,16 +80,8 @@ def training_dataset(
         raise dg.Failure(f"Invalid walk-forward settings: {e}") from e
     lake = warehouse.lake()
     fmeta, lmeta = lake.read_meta("features"), lake.read_meta("labels")
-    feats, labs = lake.read("features"), lake.read("labels")
     cols = fmeta["model_columns"]
-    warm = [c for c in cols if c not in fmeta["onchain_columns"]]
-    price = [c for c in ("open", "high", "low", "close", "log_close") if c in feats.columns]
-    data = (
-        feats.select(["symbol", "ts", *price, *cols])
-        .join(labs, on=["symbol", "ts"], how="inner")
-        .drop_nulls(warm)
-        .sort(["symbol", "ts"])
-    )
+    data = dataset_rows(lake)
     try:
         folds = walk_forward_folds(data, cfg)
     except ValueError as e:

@@ -383,6 +383,56 @@ def plot_sigma(
     return fig
 
 
+def plot_recent_forecasts(frame: pl.DataFrame, symbol: str, targets) -> Figure:
+    """`latest_forecast`'s recent forecasts for one symbol against what happened: the p10-p90
+    band of the `targets.quantile` return with the realized return where its window has ended
+    (top), and sigma with the realized `targets.sigma` volatility (bottom), by as-of bar.
+    `frame` has symbol, as_of, the band columns, sigma and the two label columns (null where
+    not known yet)."""
+    lo_col, hi_col = targets.quantile_columns
+    label, vol = targets.quantile, targets.sigma
+    _require(frame, ["symbol", "as_of", lo_col, hi_col, "sigma", label, vol], "recent forecasts")
+    rows = frame.filter(pl.col("symbol") == symbol).sort("as_of")
+    if rows.is_empty():
+        raise ValueError(f"no forecasts of {symbol!r}")
+    t = rows["as_of"].to_numpy()
+    fig = _new_figure(11, 6.0)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    color = _style("mamba2")["color"]
+    lo, hi = 100 * rows[lo_col].to_numpy(), 100 * rows[hi_col].to_numpy()
+    top.fill_between(t, lo, hi, color=color, alpha=0.25, lw=0, label=f"{lo_col}-{hi_col}")
+    done = _finite_rows(rows, [label])
+    if done.height:
+        y = 100 * done[label].to_numpy()
+        inside = (done[lo_col].to_numpy() * 100 <= y) & (y <= done[hi_col].to_numpy() * 100)
+        top.plot(done["as_of"].to_numpy(), y, color="black", lw=0.9, label=f"realized {label}")
+        cover = f", {inside.mean():.0%} of {inside.size} realized inside"
+    else:
+        cover = ", none realized yet"
+    top.axhline(0.0, color="#999999", lw=0.8)
+    top.set_title(f"{symbol}: forecasts by as-of bar, newest {rows['as_of'].max():%Y-%m-%d}{cover}")
+    top.set_ylabel(f"{label} (log return, %)")
+    top.legend(loc="upper left", fontsize=8)
+    top.grid(alpha=0.3)
+    bottom.plot(t, 100 * rows["sigma"].to_numpy(), color=color, lw=1.2, label="sigma forecast")
+    seen = _finite_rows(rows, [vol])
+    if seen.height:
+        bottom.plot(
+            seen["as_of"].to_numpy(),
+            100 * seen[vol].to_numpy(),
+            color="black",
+            lw=1.2,
+            label=f"realized {vol}",
+        )
+    bottom.set_ylabel("volatility of 1-bar log returns (%)")
+    bottom.set_xlabel("as-of bar (the outcome is realized over the following bars)")
+    bottom.set_ylim(bottom=0)
+    bottom.legend(loc="upper left", fontsize=8)
+    bottom.grid(alpha=0.3)
+    _date_axis(bottom)
+    return fig
+
+
 def plot_metric_table(results: dict, target: str) -> Figure:
     """Every forecaster's mean primary loss on `target` as a dot chart sorted by loss (best on
     top): models in their colours, baselines grey, members of the 90% MCS filled and starred,

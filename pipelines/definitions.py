@@ -11,6 +11,7 @@ import dagster as dg
 from assets.backtest import backtest
 from assets.evaluation import evaluation
 from assets.features import features, labels
+from assets.forecast import FORECAST_GROUP, latest_forecast
 from assets.ingest import INGEST_ASSETS
 from assets.leakage import LEAKAGE_CHECKS
 from assets.partitions import fold_partitions, ingest_partitions
@@ -37,6 +38,7 @@ ALL_ASSETS = [
     predictions,
     backtest,
     evaluation,
+    latest_forecast,
 ]
 
 ingest_job = dg.define_asset_job(
@@ -52,10 +54,11 @@ features_job = dg.define_asset_job(
 )
 daily_refresh_job = dg.define_asset_job(
     "daily_refresh_job",
-    selection=dg.AssetSelection.groups("ingest", "features"),
+    selection=dg.AssetSelection.groups("ingest", "features", FORECAST_GROUP),
     partitions_def=INGEST_ASSETS[0].partitions_def,
-    description="Year partitions through ingest and checks, then features and labels; with "
-    "`incremental` set on the sources only the days after the newest stored bar are fetched.",
+    description="Year partitions through ingest and checks, then features and labels, then "
+    "the newest model's latest forecast; with `incremental` set on the sources only the days "
+    "after the newest stored bar are fetched, and the forecast runs over those bars only.",
 )
 retrain_job = dg.define_asset_job(
     "retrain_job",
@@ -126,7 +129,8 @@ def refresh_request(
     execution_timezone="UTC",
     default_status=dg.DefaultScheduleStatus.STOPPED,
     description="Every day 01:00 UTC: fetch the days since the newest stored bar (yesterday, "
-    "or every missed day) through ingest and checks, then rebuild features and labels.",
+    "or every missed day) through ingest and checks, rebuild features and labels, and "
+    "forecast from the newest bar (latest_forecast).",
 )
 def daily_refresh_schedule(
     context: dg.ScheduleEvaluationContext,

@@ -64,6 +64,7 @@ def report(data_dir: str) -> str:
                 "(sorted by loss; in_mcs_90: in the 90% Model Confidence Set):",
                 _indent(str(table.select(["forecaster", *columns, "in_mcs_90"])), 4),
             ]
+    out += _latest_forecast(store)
     bt = pl.DataFrame(results["backtest"]["metrics"]).select(
         ["symbol", "strategy", "total_return", "sharpe", "max_drawdown", "turnover_per_year"]
     )
@@ -75,6 +76,36 @@ def report(data_dir: str) -> str:
         "Browse everything in the Dagster UI: make ui  (http://127.0.0.1:3000)",
     ]
     return "\n".join(out)
+
+
+def _latest_forecast(store: Warehouse) -> list[str]:
+    """The newest forecast per symbol in the forecasts table (what latest_forecast wrote)."""
+    rows = store.read("forecasts")
+    if rows.is_empty():
+        return []
+    newest = rows.filter(pl.col("created_at") == pl.col("created_at").max())
+    latest = newest.filter(pl.col("as_of") == pl.col("as_of").max().over("symbol"))
+    h, w = int(latest["direction_horizon"][0]), int(latest["sigma_window"][0])
+    return [
+        f"  latest forecast ({latest['model'][0]} {latest['model_version'][0]}, fold "
+        f"{latest['fold'][0]}; direction and q10/q90 over {h} bars, sigma over {w}):",
+        _indent(
+            str(
+                latest.select(
+                    "symbol",
+                    pl.col("as_of").dt.date(),
+                    "p_down",
+                    "p_flat",
+                    "p_up",
+                    "q10",
+                    "q90",
+                    "sigma",
+                    "ret_30",
+                ).sort("symbol")
+            ),
+            4,
+        ),
+    ]
 
 
 def _indent(text: str, n: int = 4) -> str:

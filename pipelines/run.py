@@ -28,8 +28,9 @@ import polars as pl
 
 from warehouse import ArtifactStore, DataPaths, Lake
 
-# the fold assets over the folds, and the (unpartitioned) evaluation of every fold after them
-FOLD_ASSETS = "model,mamba_model,sequence_baselines,predictions,backtest,evaluation"
+# the fold assets over the folds, then (unpartitioned) the evaluation of every fold and the
+# newest model's latest forecast
+FOLD_ASSETS = "model,mamba_model,sequence_baselines,predictions,backtest,evaluation,latest_forecast"
 HEARTBEAT_S = 30  # seconds without progress after which a "still running" line is printed
 # lines of the dagster CLI's log worth showing as progress
 PROGRESS = re.compile(

@@ -136,6 +136,8 @@ def _train(
         (folder / "lane_scalers.json").write_text(
             json.dumps({k: json.loads(v.to_json()) for k, v in f.lane_scalers.items()}, indent=2)
         )
+    if f.anchor_fill is not None:  # the anchor before its first estimate, from training rows
+        (folder / "anchor_fill.json").write_text(json.dumps(f.anchor_fill, indent=2))
     config = {
         "model": kind,
         "settings": s.to_json(),

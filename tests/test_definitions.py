@@ -22,6 +22,7 @@ EXPECTED_GRAPH = {
     "predictions": ["mamba_model", "model", "sequence_baselines"],
     "backtest": ["predictions"],
     "evaluation": ["backtest", "predictions"],
+    "latest_forecast": ["features", "labels", "mamba_model", "training_dataset"],
 }
 EXPECTED_GROUPS = {
     "ingest": {"ohlcv_bars", "onchain_metrics", "macro_series"},
@@ -29,6 +30,7 @@ EXPECTED_GROUPS = {
     "training": {"training_dataset", "model", "mamba_model", "sequence_baselines", "predictions"},
     "backtest": {"backtest"},
     "evaluation": {"evaluation"},
+    "forecast": {"latest_forecast"},
 }
 FOLD_ASSETS = {"model", "mamba_model", "sequence_baselines", "predictions", "backtest"}
 # what the assets compute with; loading the definitions (every CLI call, the forkserver of every
@@ -170,7 +172,7 @@ def test_daily_refresh_runs_yesterdays_year_incrementally_and_catches_up_across_
         assert "ohlcv_bars:ohlcv_quality" in request.tags["mambacast/refresh"]
     job = defs.resolve_job_def("daily_refresh_job")
     selected = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
-    assert selected == EXPECTED_GROUPS["ingest"] | EXPECTED_GROUPS["features"]
+    assert selected == EXPECTED_GROUPS["ingest"] | EXPECTED_GROUPS["features"] | {"latest_forecast"}
 
 
 def test_weekly_retrain_requests_the_current_fold():

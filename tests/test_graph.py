@@ -80,7 +80,7 @@ def _walk_forward(root):
     over two folds, the evaluation."""
     upstream = _run(root, selection=UPSTREAM, tags=_range_tags())
     folds = _run(root, selection=FOLD_ASSETS, tags=_range_tags(*FOLDS), run_config=FOLD_CONFIG)
-    evaluation = _run(root, selection=["evaluation"])
+    evaluation = _run(root, selection=["evaluation", "latest_forecast"])
     return upstream, folds, evaluation
 
 
@@ -129,6 +129,21 @@ def test_outputs_are_in_the_lake_and_artifact_store(built):
     md = evaluation.asset_materializations_for_node("evaluation")[0].metadata
     assert md["path"].value == str(ev.path)
     assert set(md["folds"].value) == set(FOLDS)
+
+
+def test_latest_forecast_of_the_newest_model_reaches_the_newest_bar_of_every_symbol(built):
+    root, (_, _, evaluation) = built
+    md = evaluation.asset_materializations_for_node("latest_forecast")[0].metadata
+    arts = ArtifactStore(DataPaths.at(root).artifacts)
+    assert md["model_version"].value == arts.latest("mamba2", FOLDS[-1]).version
+    assert md["plot_BTC-USD"].value.startswith("![BTC-USD recent forecasts](data:image/png")
+    stored = Warehouse(DataPaths.at(root)).read("forecasts")
+    bars = Warehouse(DataPaths.at(root)).summary("ohlcv")
+    newest = stored.group_by("symbol").agg(pl.col("as_of").max()).sort("symbol")
+    assert newest.rows() == bars.select("entity", "last").sort("entity").rows()
+    # probabilities of a distribution, an ordered band, a positive sigma
+    assert ((stored["p_down"] + stored["p_flat"] + stored["p_up"] - 1).abs() < 1e-5).all()
+    assert (stored["q10"] < stored["q90"]).all() and (stored["sigma"] > 0).all()
 
 
 def test_evaluation_scores_every_target_for_every_forecaster_on_the_same_test_rows(built):

@@ -14,7 +14,7 @@ from pipelines.definitions import ALL_ASSETS, INCREMENTAL, default_resources, re
 from warehouse import DataPaths, Lake, Warehouse
 from warehouse.sources.synthetic import SyntheticOHLCV
 
-REFRESH = dg.AssetSelection.groups("ingest", "features")
+REFRESH = dg.AssetSelection.groups("ingest", "features", "forecast")
 FIRST = datetime(2021, 3, 2)  # a Tuesday: the next three days are business days for macro too
 
 
@@ -49,12 +49,14 @@ def _counts(root) -> dict[str, int]:
         **{t: wh.count(t) for t in ("ohlcv", "onchain", "macro")},
         "features": lake.read("features").height,
         "labels": lake.read("labels").height,
+        "forecasts": wh.count("forecasts"),
     }
 
 
 @pytest.fixture
 def market(tmp_path):
-    bars = SyntheticOHLCV(symbols=("BTC-USD",)).fetch(datetime(2019, 1, 1), datetime(2021, 4, 1))
+    # from 2017: enough history before 2020 to train the 2021 fold's model
+    bars = SyntheticOHLCV(symbols=("BTC-USD",)).fetch(datetime(2017, 1, 1), datetime(2021, 4, 1))
     path = tmp_path / "btc.csv"
 
     def sources(until: datetime) -> MarketSourcesResource:
@@ -69,10 +71,31 @@ def market(tmp_path):
     return tmp_path / "data", sources
 
 
+def _train_a_model(root, instance) -> None:
+    """The training dataset and a quick one-seed Mamba2 of the 2021 fold, as retrain_job's
+    mamba_model trains it (the same process function, one epoch)."""
+    from pipelines.train_sequences import train_sequence_models
+
+    result = dg.materialize(
+        ALL_ASSETS,
+        selection=dg.AssetSelection.assets("training_dataset"),
+        resources=default_resources(str(root)),
+        instance=instance,
+    )
+    assert result.success
+    fast = {"epochs": 1, "tbptt_len": 256, "patience": 1, "min_steps": 0}
+    train_sequence_models(str(root), ["2021"], ["mamba2"], [0], fast, log=lambda _: None)
+
+
+def _forecast_md(result) -> dict:
+    (md,) = [m.metadata for m in result.asset_materializations_for_node("latest_forecast")]
+    return md
+
+
 def test_three_day_refresh_on_a_growing_file_adds_exactly_one_day_each_time(market, tmp_path):
     root, sources = market
     backfill = {
-        "dagster/asset_partition_range_start": "2019",
+        "dagster/asset_partition_range_start": "2017",
         "dagster/asset_partition_range_end": "2021",
     }
     # a throwaway instance of its own: instance_for_test leaves DAGSTER_HOME-bound state behind
@@ -80,7 +103,19 @@ def test_three_day_refresh_on_a_growing_file_adds_exactly_one_day_each_time(mark
     with dg.DagsterInstance.local_temp(str(tmp_path)) as instance:
         result = _run(root, sources(FIRST), backfill, instance=instance)
         assert result.success
+        # no model yet: the forecast is skipped, not failed
+        assert not result.asset_materializations_for_node("latest_forecast")
+        _train_a_model(root, instance)
+        result = dg.materialize(
+            ALL_ASSETS,
+            selection=dg.AssetSelection.assets("latest_forecast"),
+            resources=default_resources(str(root)),
+            instance=instance,
+        )
+        first = _forecast_md(result)
+        assert first["mode"].value.startswith("recomputed from the start")  # no state yet
         before = _counts(root)
+        assert before["forecasts"] > 30  # the model's out-of-sample days of 2021 so far
         newest = Warehouse(DataPaths.at(root)).read("ohlcv")["ts"].max()
         assert newest == FIRST - timedelta(days=1)
         for day in range(1, 4):
@@ -97,15 +132,29 @@ def test_three_day_refresh_on_a_growing_file_adds_exactly_one_day_each_time(mark
                 assert md["window"].value == f"[{since:%Y-%m-%d}, {today:%Y-%m-%d})", asset
                 assert md["rows_inserted"].value - md["rows_replaced"].value == 1, asset
                 assert md["rows_replaced"].value == OVERLAP_DAYS[table], asset
+            # the forecast carried its state over the one new bar, not the history
+            md = _forecast_md(result)
+            assert md["mode"].value == "carried the saved state forward"
+            assert md["bars_run"].value == 1 and md["rows_written"].value == 1
+            assert md["as_of"].value == f"{today - timedelta(days=1):%Y-%m-%d}"
             after = _counts(root)
             grew = {k: after[k] - before[k] for k in after}
             # one bar, one on-chain row, one row per macro series (three daily ones, the dollar
-            # index and the spread), one feature row and one label row
+            # index and the spread), one feature row, one label row and one forecast
             assert grew["ohlcv"] == 1 and grew["onchain"] == 1, grew
             assert grew["features"] == 1 and grew["labels"] == 1, grew
+            assert grew["forecasts"] == 1, grew
             assert grew["macro"] >= 1, grew
             before = after
         assert Warehouse(DataPaths.at(root)).read("ohlcv")["ts"].max() == FIRST + timedelta(days=2)
+        # a re-run for the same bar replaces its forecast with the same numbers
+        stored = Warehouse(DataPaths.at(root)).read("forecasts").drop("created_at")
+        request = refresh_request(instance, FIRST + timedelta(days=3, hours=2))
+        result = _run(root, sources(FIRST + timedelta(days=3)), request.tags, INCREMENTAL, instance)
+        assert result.success and _forecast_md(result)["rows_written"].value == 1
+        again = Warehouse(DataPaths.at(root)).read("forecasts").drop("created_at")
+        assert again.height == stored.height
+        assert again.equals(stored)
 
 
 def test_an_incremental_refresh_with_nothing_new_rewrites_only_its_overlap(market):

@@ -118,7 +118,15 @@ def test_key_columns_are_not_null_in_duckdb(warehouse, paths):
     con.close()
     assert ("ohlcv", ["symbol"]) in not_null and ("ohlcv", ["ts"]) in not_null
     assert ("macro", ["published"]) not in not_null  # only keys are constrained
-    assert {t for t, _ in not_null} == {"ohlcv", "ohlcv_1h", "ohlcv_1m", "onchain", "macro"}
+    assert ("forecasts", ["model_version"]) in not_null
+    assert {t for t, _ in not_null} == {
+        "ohlcv",
+        "ohlcv_1h",
+        "ohlcv_1m",
+        "onchain",
+        "macro",
+        "forecasts",
+    }
 
 
 def _minute_bars(start, days, symbol="BTC-USD"):

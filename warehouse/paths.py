@@ -17,6 +17,7 @@ class DataPaths:
       warehouse.duckdb.lock   serializes writers across processes
       lake/<table>/...        Parquet, hive layout
       artifacts/<kind>/...    immutable versioned model and backtest outputs
+      forecast_state/         the recurrent states latest_forecast carries from day to day
       dagster_home/           the Dagster instance (runs, event log) the UI reads
     """
 
@@ -41,6 +42,10 @@ class DataPaths:
     @property
     def artifacts(self) -> Path:
         return self.root / "artifacts"
+
+    @property
+    def forecast_state(self) -> Path:
+        return self.root / "forecast_state"
 
     @property
     def dagster_home(self) -> Path:

@@ -1,4 +1,5 @@
-"""Declared schemas and keys of the raw tables, and validation at the source boundary."""
+"""Declared schemas and keys of the warehouse tables (the raw ones and the forecasts), and
+validation at the source boundary."""
 
 from __future__ import annotations
 
@@ -112,7 +113,40 @@ MACRO = TableSpec(
     entity_column="series",
 )
 
-TABLES: dict[str, TableSpec] = {t.name: t for t in (OHLCV, OHLCV_1H, OHLCV_1M, ONCHAIN, MACRO)}
+# The forecasts of `latest_forecast`: one row per (symbol, as-of bar, model version), written
+# by Warehouse.upsert, so a re-run for the same bar replaces its row. `as_of` is the open time of
+# the newest bar the forecast saw; the horizons count bars after it. Return columns the label
+# configuration leaves out are null.
+FORECASTS = TableSpec(
+    name="forecasts",
+    columns={
+        "symbol": pl.String(),
+        "as_of": pl.Datetime("us"),
+        "model_version": pl.String(),
+        "model": pl.String(),
+        "fold": pl.String(),
+        "p_down": pl.Float64(),
+        "p_flat": pl.Float64(),
+        "p_up": pl.Float64(),
+        "q10": pl.Float64(),
+        "q90": pl.Float64(),
+        "sigma": pl.Float64(),
+        "ret_1": pl.Float64(),
+        "ret_5": pl.Float64(),
+        "ret_10": pl.Float64(),
+        "ret_30": pl.Float64(),
+        "direction_horizon": pl.Int64(),
+        "sigma_window": pl.Int64(),
+        "created_at": pl.Datetime("us"),
+    },
+    key=("symbol", "as_of", "model_version"),
+    time_column="as_of",
+    entity_column="symbol",
+)
+
+RAW_TABLES: dict[str, TableSpec] = {t.name: t for t in (OHLCV, OHLCV_1H, OHLCV_1M, ONCHAIN, MACRO)}
+# every table the warehouse creates: the raw ones and the derived forecasts
+TABLES: dict[str, TableSpec] = {**RAW_TABLES, FORECASTS.name: FORECASTS}
 
 
 def table_spec(name: str) -> TableSpec:

@@ -149,6 +149,24 @@ class Warehouse:
                 results.append((dst.name, gone, int(made)))
         return [WriteResult(t, d, n, self.count(t)) for t, d, n in results]
 
+    def upsert(self, table: str, df: pl.DataFrame, source: str = "unknown") -> WriteResult:
+        """Insert the rows of `df`, replacing the stored rows with the same key, in one
+        transaction: re-writing a row (a forecast re-run for the same bar) never duplicates it."""
+        spec = table_spec(table)
+        rows = conform(df, spec, source)
+        keys = " AND ".join(f"t.{k} = incoming.{k}" for k in spec.key)
+        with self.connect() as con, _transaction(con):
+            incoming = rows.to_arrow()  # noqa: F841 (read by DuckDB's replacement scan)
+            # Identifiers come from the fixed table registry; the values from the frame.
+            deleted = int(
+                con.execute(
+                    f"DELETE FROM {spec.name} t WHERE EXISTS "  # noqa: S608
+                    f"(SELECT 1 FROM incoming WHERE {keys})"
+                ).fetchall()[0][0]
+            )
+            con.execute(f"INSERT INTO {spec.name} SELECT * FROM incoming")  # noqa: S608
+        return WriteResult(spec.name, deleted, rows.height, self.count(spec.name))
+
     def read(
         self,
         table: str,

@@ -10,6 +10,7 @@ bars up to t only.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -105,6 +106,7 @@ class SequenceForecaster(Forecaster):
         self.lane_scalers: dict[str, Standardizer] | None = None
         self.anchor_fill: dict[str, float] | None = None
         self.precision: str | None = None  # as fitted, validated and so predicted
+        self.input_columns: list[str] | None = None  # the fold's feature columns, once loaded
         self.history: list[dict] = []
         self.summary: dict = {}
 
@@ -221,38 +223,58 @@ class SequenceForecaster(Forecaster):
         }
         return self
 
+    def lanes(self, data: FoldData) -> Lanes:
+        """The fold's lanes as this fitted model reads them (its scalers and anchor fill)."""
+        return self._lanes(data, fitted=True)
+
     @torch.no_grad()
-    def predict(self, data: FoldData) -> pl.DataFrame:
+    def stream(
+        self, x: torch.Tensor, state=None, chunk: int | None = None
+    ) -> tuple[dict[str, np.ndarray], object]:
+        """Run the fitted model over inputs x (B, T, F) from `state` (None: a fresh start), in
+        chunks of `chunk` bars (the training window by default) with the state carried; the
+        outputs per position (direction as probabilities) and the state after the last one.
+
+        Stateful models give the same outputs whatever the chunking; a windowed model restarts
+        at every chunk."""
         if self.model is None:
             raise RuntimeError(f"{self.kind} seed {self.seed}: fit() before predict()")
         device = self.settings.torch_device()
-        lanes = self._lanes(data, fitted=True)
         self.model.eval()
-        horizons = self._horizons(data.targets)
-        t = data.targets
-        L = self.settings.tbptt_len
+        L = chunk or self.settings.tbptt_len
+        parts = []
+        for start in range(0, x.shape[1], L):
+            with _autocast(device, self.precision):  # as the model was validated
+                out, state = self.model(
+                    x[:, start : start + L].to(device),
+                    state if self.settings.stateful else None,  # windowed: restart
+                )
+            parts.append({k: v.float().cpu() for k, v in out.items()})
+        out = {k: torch.cat([p[k] for p in parts], dim=1).numpy() for k in parts[0]}
+        out["direction"] = torch.softmax(torch.from_numpy(out["direction"]), dim=-1).numpy()
+        return out, state
+
+    def columns(self, out: dict[str, np.ndarray], b: int, keep: np.ndarray, t) -> dict:
+        """Lane `b`'s prediction columns at positions `keep` of `stream`'s outputs."""
+        horizons = self._horizons(t)
+        cols = {c: out["direction"][b, keep, k] for k, c in enumerate(DIRECTION_COLUMNS)}
+        lo, hi = t.quantile_columns
+        cols[lo] = out["quantiles"][b, keep, 0]
+        cols[hi] = out["quantiles"][b, keep, -1]
+        cols["sigma"] = out["sigma"][b, keep]
+        for h in t.return_horizons:
+            cols[t.return_column(h)] = out["returns"][b, keep, horizons.index(h)]
+        return cols
+
+    def predict(self, data: FoldData) -> pl.DataFrame:
+        lanes = self.lanes(data)
         frames = []
         for group in lanes.groups:
-            state, parts = None, []
-            for start in range(0, group.x.shape[1], L):
-                with _autocast(device, self.precision):  # as the model was validated
-                    out, state = self.model(
-                        group.x[:, start : start + L].to(device),
-                        state if self.settings.stateful else None,  # windowed: restart
-                    )
-                parts.append({k: v.float().cpu() for k, v in out.items()})
-            out = {k: torch.cat([p[k] for p in parts], dim=1).numpy() for k in parts[0]}
-            probs = torch.softmax(torch.from_numpy(out["direction"]), dim=-1).numpy()
+            out, _ = self.stream(group.x)
             scored = np.isin(group.segment.numpy(), [SEGMENT_CODE[VAL], SEGMENT_CODE[TEST]])
             for b, symbol in enumerate(group.symbols):
                 keep = np.flatnonzero(scored[b])
-                cols = {f"{c}": probs[b, keep, k] for k, c in enumerate(DIRECTION_COLUMNS)}
-                lo, hi = t.quantile_columns
-                cols[lo] = out["quantiles"][b, keep, 0]
-                cols[hi] = out["quantiles"][b, keep, -1]
-                cols["sigma"] = out["sigma"][b, keep]
-                for h in t.return_horizons:
-                    cols[t.return_column(h)] = out["returns"][b, keep, horizons.index(h)]
+                cols = self.columns(out, b, keep, data.targets)
                 frames.append(
                     pl.DataFrame({"symbol": symbol, "ts": group.calendar.gather(keep), **cols})
                 )
@@ -261,6 +283,44 @@ class SequenceForecaster(Forecaster):
         return data.scored.select(["symbol", "ts"]).join(
             pred, on=["symbol", "ts"], how="left", maintain_order="left"
         )
+
+    @classmethod
+    def from_artifact(
+        cls, folder: Path, seed: int, device: str = "auto", threads: int = 1
+    ) -> SequenceForecaster:
+        """The fitted model of one seed from a sequence-model artifact folder (as written by
+        pipelines.train_sequences), ready to predict or stream; the weights are loaded with
+        weights_only=True."""
+        folder = Path(folder)
+        config = json.loads((folder / "config.json").read_text())
+        saved = {k: v for k, v in config["settings"].items() if k != "code_version"}
+        settings = SequenceSettings(**{**saved, "device": device, "threads": threads})
+        f = cls(config["model"], seed, settings)
+        backbone = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in config["backbone"].items()
+        }
+        cfg = BackboneConfig(**backbone)
+        model = SEQUENCE_MODELS[f.kind](cfg).to(settings.torch_device())
+        weights = torch.load(
+            folder / f"weights_seed{seed}.pt",
+            map_location=settings.torch_device(),
+            weights_only=True,
+        )
+        model.load_state_dict(weights["model"])
+        f.model = model
+        f.loss = MultiTaskLoss(cfg.quantiles, n_horizons=len(cfg.horizons))
+        f.loss.load_state_dict(weights["loss"])
+        f.input_columns = list(config["feature_columns"])  # the fold's, before onchain=False
+        f.scaler = Standardizer.from_json((folder / "scaler.json").read_text())
+        if (folder / "lane_scalers.json").exists():
+            f.lane_scalers = {
+                k: Standardizer(**v)
+                for k, v in json.loads((folder / "lane_scalers.json").read_text()).items()
+            }
+        if (folder / "anchor_fill.json").exists():
+            f.anchor_fill = json.loads((folder / "anchor_fill.json").read_text())
+        f.precision = settings.precision()
+        return f
 
     def state_dict(self) -> dict:
         if self.model is None:
