@@ -18,16 +18,18 @@ from assets.training import dataset_rows, mamba_model, training_dataset
 from ml.sequence_names import MAMBA2
 from ml.walkforward import Fold
 from warehouse.artifacts import Artifact, ArtifactError
+from warehouse.lake import LakeError
 from warehouse.schema import FORECASTS
 
 FORECAST_GROUP = "forecast"
+MAX_PLOTS = 5  # symbols plotted in the metadata
 
 
 class LatestForecastConfig(dg.Config):
     model: str = MAMBA2  # the sequence model whose newest artifact forecasts
     # on a run without a saved state: forecasts for the bars of the last `backfill_days` that
     # are out of sample for the model (after its validation window), for the plot and the table
-    backfill_days: int = 120
+    backfill_days: int = 365
     plot_days: int = 365  # the recent as-of bars the metadata plot shows
     device: str = "cpu"  # or "auto" / "cuda"
 
@@ -91,26 +93,36 @@ def latest_forecast(
             f"columns {missing}, which the stored features no longer have (their definition "
             "changed): materialize `mamba_model` for the current fold again."
         )
+    _check_inputs(lake, meta, md, config.model, art.version)
     targets = TargetSpec.from_label_config(LabelConfig.from_dict(meta["label_config"]))
+    _check_heads(seeds[0], targets, art.version)
     lanes = seeds[0].lanes(live_fold_data(rows, fold, needed, targets))
-    state_path = warehouse.paths.forecast_state / config.model / f"{art.version}.pt"
+    state_dir = warehouse.paths.forecast_state / config.model
+    state_path = state_dir / f"{art.version}.pt"
     newest = rows["ts"].max()
     fresh_from = max(fold.val_end, newest - timedelta(days=config.backfill_days))
     result = carry_forward(seeds, lanes.groups, targets, load_state(state_path), fresh_from)
     written = _store(wh, result.forecasts, art, fold, targets)
     save_state(state_path, result.state)  # after the rows: a lost state only costs a replay
-    mode = (
-        "recomputed from the start of the history (" + "; ".join(result.restarted) + ")"
-        if result.restarted
-        else "carried the saved state forward"
-    )
+    for old in state_dir.glob("*"):  # other model versions' states, stray temporary files
+        if old != state_path:
+            old.unlink(missing_ok=True)
+    groups = len(lanes.groups)
+    if not result.restarted:
+        mode = "carried the saved state forward"
+    else:
+        mode = "recomputed from the start of the history: " + "; ".join(result.restarted)
+        if len(result.restarted) < groups:
+            mode += "; the other lane groups' states carried forward"
     context.log.info(
         f"{config.model} {art.version} (fold {fold.key}): {mode}; ran {result.bars_run} bars, "
         f"wrote {written} forecasts up to {newest:%Y-%m-%d}"
     )
-    stored = wh.read("forecasts", entities=None).filter(pl.col("model_version") == art.version)
+    stored = wh.read("forecasts", start=newest - timedelta(days=config.plot_days)).filter(
+        pl.col("model_version") == art.version
+    )
     latest = stored.filter(pl.col("as_of") == pl.col("as_of").max().over("symbol"))
-    recent = stored.filter(pl.col("as_of") > newest - timedelta(days=config.plot_days))
+    recent = stored
     outcomes = lake.read("labels").select(
         "symbol",
         pl.col("ts").alias("as_of"),
@@ -121,11 +133,12 @@ def latest_forecast(
         "model": config.model,
         "model_version": art.version,
         "fold": fold.key,
-        "as_of": dg.MetadataValue.text(f"{newest:%Y-%m-%d}"),
+        "as_of": dg.MetadataValue.text(f"{newest:%Y-%m-%d}"),  # the newest bar of any symbol
         "mode": mode,
+        # bar positions the model ran over, summed over the lane groups (calendars)
         "bars_run": dg.MetadataValue.int(result.bars_run),
-        "rows_written": dg.MetadataValue.int(written),
-        "dagster/row_count": dg.MetadataValue.int(wh.count("forecasts")),
+        "rows_written": dg.MetadataValue.int(written),  # new or replaced
+        "dagster/row_count": dg.MetadataValue.int(wh.count("forecasts")),  # every version
         "dagster/table_name": "forecasts",
         "latest": table_md(
             latest.select(
@@ -140,10 +153,43 @@ def latest_forecast(
         from ml.report import plot_recent_forecasts
 
         joined = recent.join(outcomes, on=["symbol", "as_of"], how="left")
-        for symbol in sorted(joined["symbol"].unique().to_list())[:3]:
+        symbols = sorted(joined["symbol"].unique().to_list())
+        if len(symbols) > MAX_PLOTS:
+            metadata["plots"] = f"the first {MAX_PLOTS} of {len(symbols)} symbols"
+        for symbol in symbols[:MAX_PLOTS]:
             fig = plot_recent_forecasts(joined, symbol, targets)
             metadata[f"plot_{symbol}"] = png_md(fig, f"{symbol} recent forecasts")
     yield dg.MaterializeResult(metadata=metadata)
+
+
+def _check_inputs(lake, meta: dict, md: dict, model: str, version: str) -> None:
+    """Fail when the stored features are no longer defined as those the model was trained on
+    (same column names, another definition: the model would read inputs it never saw)."""
+    try:
+        trained = lake.read_meta("training_dataset", md["data_version"])["feature_version"]
+    except (LakeError, KeyError):  # that dataset version was pruned: compare with the current
+        trained = meta["feature_version"]
+    now = lake.read_meta("features")["version"]
+    if trained != now:
+        raise dg.Failure(
+            f"The {model} model {version} was trained on features version {trained}; the stored "
+            f"features are version {now} (their definition changed): materialize the "
+            "training_dataset and `mamba_model` for the current fold again."
+        )
+
+
+def _check_heads(f, targets, version: str) -> None:
+    """Fail when the label configuration no longer matches the model's heads (the columns
+    would be read from the wrong horizon)."""
+    horizons = tuple(sorted({*targets.return_horizons, targets.direction_horizon}))
+    if tuple(f.backbone.horizons) != horizons or tuple(f.backbone.quantiles) != tuple(
+        targets.quantile_levels
+    ):
+        raise dg.Failure(
+            f"The model {version} has heads for horizons {list(f.backbone.horizons)} and "
+            f"quantiles {list(f.backbone.quantiles)}; the label configuration now asks for "
+            f"{list(horizons)} and {list(targets.quantile_levels)}: retrain `mamba_model`."
+        )
 
 
 def _prediction_columns(targets) -> list[str]:

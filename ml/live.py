@@ -30,13 +30,16 @@ import polars as pl
 import torch
 
 from ml.forecasters.base import FoldData, TargetSpec
-from ml.forecasters.neural import SequenceForecaster
+from ml.forecasters.neural import SEQUENCE_CODE_VERSION, SequenceForecaster
 from ml.sequence_data import LaneGroup
 from ml.state import detach_state, flatten_state, unflatten_state
 from ml.walkforward import Fold, assign_fold
 
 STATE_FORMAT = 1
-KEEP_CHECKPOINTS = 40  # bars of state kept per lane group: revisions up to this far back replay
+# How far back a revised bar can be replayed from a saved state (the macro overlap is 30 days);
+# the state after each of the newest DENSE bars is kept, and every DENSE-th one before
+KEEP_CHECKPOINTS = 40
+DENSE = 8
 
 
 @dataclass
@@ -70,24 +73,51 @@ def _group_key(group: LaneGroup) -> str:
     return "|".join(group.symbols)
 
 
-def _digest(group: LaneGroup, end: int) -> str:
-    """The lanes' inputs over the first `end` positions, as a hash."""
-    h = hashlib.sha256()
-    h.update(_group_key(group).encode())
-    h.update(group.calendar.head(end).dt.epoch("us").to_numpy().tobytes())
-    h.update(np.ascontiguousarray(group.x[:, :end].numpy()).tobytes())
-    h.update(np.ascontiguousarray(group.segment[:, :end].numpy() == -1).tobytes())
-    return h.hexdigest()
+def _records(group: LaneGroup) -> np.ndarray:
+    """The group's inputs as one byte record per position: its bar time, every lane's
+    standardized inputs (the anchor channel included) and where the lanes have holes. A prefix
+    of these rows is what a checkpoint's state was computed from."""
+    T = group.calendar.len()
+    cal = group.calendar.dt.epoch("us").to_numpy().astype("<i8").reshape(T, 1).view(np.uint8)
+    x = np.ascontiguousarray(group.x.numpy().astype("<f4").transpose(1, 0, 2)).reshape(T, -1)
+    holes = np.ascontiguousarray((group.segment.numpy() == -1).T).astype(np.uint8)
+    return np.hstack([cal, x.view(np.uint8), holes])
+
+
+class _Digests:
+    """sha256 of the group's first n records, for growing n, in one pass over the bytes."""
+
+    def __init__(self, group: LaneGroup) -> None:
+        self.records = _records(group)
+        self.hash = hashlib.sha256(_group_key(group).encode())
+        self.n = 0
+
+    def upto(self, end: int) -> str:
+        if end < self.n:
+            raise ValueError("digests are taken in increasing order")
+        self.hash.update(self.records[self.n : end].tobytes())
+        self.n = end
+        return self.hash.copy().hexdigest()
 
 
 def _resume(group: LaneGroup, checkpoints: list[dict]) -> dict | None:
-    """The newest checkpoint before the group's last position whose inputs still match."""
+    """The newest checkpoint before the group's last position whose inputs still match (a
+    revised bar invalidates every checkpoint from it on)."""
     T = group.calendar.len()
-    for ck in sorted(checkpoints, key=lambda c: c["pos"], reverse=True):
+    digests, found = _Digests(group), None
+    for ck in sorted(checkpoints, key=lambda c: c["pos"]):
         pos = int(ck["pos"])
-        if pos < T - 1 and _digest(group, pos + 1) == ck["digest"]:
-            return ck
-    return None
+        if pos >= T - 1 or digests.upto(pos + 1) != ck["digest"]:
+            break
+        found = ck
+    return found
+
+
+def _kept(pos: int, newest: int, keep: int) -> bool:
+    """Which checkpoints are kept: every bar among the newest DENSE ones (the refresh's bar
+    overlap), every DENSE-th bar back to `keep` bars (the on-chain and macro overlaps)."""
+    back = newest - pos
+    return back < DENSE or (back < keep and pos % DENSE == 0)
 
 
 def seed_mean(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -100,6 +130,20 @@ def seed_mean(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return out
 
 
+def state_header(seeds: Sequence[SequenceForecaster]) -> dict[str, Any]:
+    """What a saved state is only valid for: the code that made it, the device kind and the
+    precision the model ran in, the seeds."""
+    f = seeds[0]
+    return {
+        "format": STATE_FORMAT,
+        "code_version": SEQUENCE_CODE_VERSION,
+        "model": f.kind,
+        "device": f.settings.torch_device().type,
+        "precision": f.precision,
+        "seeds": [x.seed for x in seeds],
+    }
+
+
 def carry_forward(
     seeds: Sequence[SequenceForecaster],
     groups: Sequence[LaneGroup],
@@ -108,85 +152,93 @@ def carry_forward(
     fresh_from: Any = None,
     keep: int = KEEP_CHECKPOINTS,
 ) -> CarryResult:
-    """Forecasts at every bar after the newest valid checkpoint (and at the newest bar always),
-    from every seed of one model, averaged over the seeds.
+    """Forecasts of every seed of one model, averaged over the seeds, at the bars after the
+    newest valid checkpoint that are new since the previous run (or the newest bar again when
+    none is: a re-run replaces it), never at or before `fresh_from` (the model's validation
+    end: older bars are not out of sample). Bars replayed after a revision are run for the
+    state but not returned: their forecasts stay as first issued.
 
-    saved: the `state` of the previous CarryResult for this model (None: none yet).
-    fresh_from: where a group has no valid checkpoint and runs from the beginning, forecasts
-      are returned for its bars after this time only (the model's out-of-sample bars; None:
-      only the newest bar).
+    saved: the `state` of the previous CarryResult for this model (None: none yet); ignored
+      when its header (code, device kind, precision, seeds) differs from these seeds'.
+    fresh_from: also where a group that starts from the beginning returns forecasts from
+      (None: only its newest bar).
+    A windowed model (stateful=False) has no state to carry: it is recomputed every time.
     """
-    known = (saved or {}).get("groups", {})
+    header = state_header(seeds)
+    if saved is not None and saved.get("header") != header:
+        saved, why = None, "saved state made by other code, device, precision or seeds"
+    else:
+        why = "no saved state"
+    stateful = seeds[0].settings.stateful
+    known = (saved or {}).get("groups", {}) if stateful else {}
     frames, state_out, bars_run, restarted = [], {}, 0, []
     for group in groups:
         key, T = _group_key(group), group.calendar.len()
         checkpoints = list(known.get(key, []))
         ck = _resume(group, checkpoints)
+        previous = max((int(c["pos"]) for c in checkpoints), default=-1)
+        if ck is not None:
+            try:
+                states = [
+                    _on(s, f.settings.torch_device())
+                    for s, f in zip(ck["states"], seeds, strict=True)
+                ]
+            except (TypeError, ValueError, KeyError, AttributeError, ImportError):
+                ck, why = None, "saved state unreadable"  # e.g. a state class changed
         if ck is None:
             start, states = 0, [None] * len(seeds)
-            restarted.append(
-                f"{key}: no saved state" if not checkpoints else f"{key}: inputs changed"
-            )
-            checkpoints = []
+            reason = why if not checkpoints else "inputs changed before the oldest checkpoint"
+            restarted.append(f"{key}: {reason if stateful else 'windowed model, recomputed'}")
+            checkpoints, previous = [], -1
         else:
             start = int(ck["pos"]) + 1
-            states = [
-                _on(s, f.settings.torch_device()) for s, f in zip(ck["states"], seeds, strict=True)
-            ]
             checkpoints = [c for c in checkpoints if int(c["pos"]) <= int(ck["pos"])]
         # the bulk in training-sized chunks, then the last `keep` bars one at a time, keeping
-        # the state after each as a checkpoint
-        step_from = max(start, T - keep)
+        # the states after some as checkpoints (a windowed model runs whole, as it predicts)
+        step_from = max(start, T - keep) if stateful else T
         outs: list[list[dict[str, np.ndarray]]] = [[] for _ in seeds]
         for i, f in enumerate(seeds):
             if step_from > start:
                 out, states[i] = f.stream(group.x[:, start:step_from], states[i])
                 outs[i].append(out)
+        digests = _Digests(group)
         for pos in range(step_from, T):
-            flat = []
             for i, f in enumerate(seeds):
                 out, states[i] = f.stream(group.x[:, pos : pos + 1], states[i], chunk=1)
                 outs[i].append(out)
-                flat.append(_flat_cpu(states[i]))
-            checkpoints.append(
-                {
-                    "pos": pos,
-                    "ts": str(group.calendar[pos]),
-                    "digest": _digest(group, pos + 1),
-                    "states": flat,
-                }
-            )
+            digest = digests.upto(pos + 1)
+            if _kept(pos, T - 1, keep):
+                checkpoints.append(
+                    {
+                        "pos": pos,
+                        "ts": str(group.calendar[pos]),
+                        "digest": digest,
+                        "states": [_flat_cpu(st) for st in states],
+                    }
+                )
         bars_run += T - start
-        state_out[key] = sorted(checkpoints, key=lambda c: c["pos"])[-keep:]
+        if stateful:
+            state_out[key] = [c for c in checkpoints if _kept(int(c["pos"]), T - 1, keep)]
         per_seed = [
             {k: np.concatenate([o[k] for o in parts], 1) for k in parts[0]} for parts in outs
         ]
         mean = seed_mean(per_seed)
         positions = np.arange(start, T)
-        if ck is None:
-            after = (
-                group.calendar.gather(positions) > fresh_from
-                if fresh_from is not None
-                else positions == T - 1
-            )
-            after = np.asarray(after) | (positions == T - 1)
+        times = group.calendar.gather(positions)
+        if ck is None and fresh_from is None:
+            wanted = positions == T - 1
         else:
-            after = np.ones(positions.size, dtype=bool)
+            # the new bars (the newest again where none is new); replayed ones stay as issued
+            wanted = (positions > previous) | (positions == T - 1)
+            if fresh_from is not None:
+                wanted &= np.asarray(times > fresh_from)
         real = group.segment[:, start:].numpy() != -1  # a lane's own bars, not its holes
         for b, symbol in enumerate(group.symbols):
-            keep_rows = np.flatnonzero(after & real[b])
-            if keep_rows.size == 0:
+            rows = np.flatnonzero(wanted & real[b])
+            if rows.size == 0:
                 continue
-            cols = seeds[0].columns(mean, b, keep_rows, targets)
-            frames.append(
-                pl.DataFrame(
-                    {
-                        "symbol": symbol,
-                        "as_of": group.calendar.gather(positions[keep_rows]),
-                        **cols,
-                    }
-                )
-            )
+            cols = seeds[0].columns(mean, b, rows, targets)
+            frames.append(pl.DataFrame({"symbol": symbol, "as_of": times.gather(rows), **cols}))
     forecasts = (
         pl.concat(frames).with_columns(pl.col(pl.Float32).cast(pl.Float64))
         if frames
@@ -194,7 +246,7 @@ def carry_forward(
     )
     return CarryResult(
         forecasts=forecasts,
-        state={"format": STATE_FORMAT, "groups": state_out},
+        state={"format": STATE_FORMAT, "header": header, "groups": state_out},
         bars_run=bars_run,
         restarted=restarted,
     )
@@ -214,10 +266,14 @@ def _on(flat: dict[str, Any], device: torch.device) -> Any:
 
 
 def load_state(path: Path) -> dict[str, Any] | None:
-    """The checkpoints saved at `path`, or None where there are none (or another format)."""
+    """The checkpoints saved at `path`; None where there are none, or the file cannot be read
+    (another format, a damaged file): the model then runs from the beginning, never fails."""
     if not path.exists():
         return None
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a state is a cache: unreadable means absent
+        return None
     return saved if isinstance(saved, dict) and saved.get("format") == STATE_FORMAT else None
 
 

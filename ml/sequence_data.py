@@ -130,6 +130,13 @@ def build_lanes(
             overall = float(train[ANCHOR].median()) if train.height else 0.0
             per = dict(train.group_by("symbol").agg(pl.col(ANCHOR).median()).iter_rows())
             anchor_fill = {s: float(per.get(s, overall)) for s in rows["symbol"].unique()}
+        else:  # as fitted; a symbol the fit never saw gets the fitted lanes' median
+            known = list(anchor_fill.values())
+            other = float(np.median(known)) if known else 0.0
+            anchor_fill = {
+                **{s: other for s in rows["symbol"].unique() if s not in anchor_fill},
+                **anchor_fill,
+            }
         fills = pl.DataFrame(
             {"symbol": list(anchor_fill), "_fill": list(anchor_fill.values())},
             schema={"symbol": rows.schema["symbol"], "_fill": pl.Float64},

@@ -83,8 +83,10 @@ def _latest_forecast(store: Warehouse) -> list[str]:
     rows = store.read("forecasts")
     if rows.is_empty():
         return []
-    newest = rows.filter(pl.col("created_at") == pl.col("created_at").max())
-    latest = newest.filter(pl.col("as_of") == pl.col("as_of").max().over("symbol"))
+    # the model version written last, each symbol's newest bar
+    version = rows.sort("created_at")["model_version"][-1]
+    mine = rows.filter(pl.col("model_version") == version)
+    latest = mine.filter(pl.col("as_of") == pl.col("as_of").max().over("symbol"))
     h, w = int(latest["direction_horizon"][0]), int(latest["sigma_window"][0])
     return [
         f"  latest forecast ({latest['model'][0]} {latest['model_version'][0]}, fold "
@@ -100,7 +102,7 @@ def _latest_forecast(store: Warehouse) -> list[str]:
                     "q10",
                     "q90",
                     "sigma",
-                    "ret_30",
+                    *[c for c in ("ret_1", "ret_30") if latest[c].is_not_null().any()],
                 ).sort("symbol")
             ),
             4,

@@ -145,7 +145,10 @@ def test_daily_refresh_runs_yesterdays_year_incrementally_and_catches_up_across_
         _ingested(instance, {"ohlcv_bars": "2024"})
         (request,) = _tick(instance, datetime(2024, 5, 10, 1, 0, tzinfo=UTC)).run_requests
         assert _range(request) == ("2024", "2024")
-        assert request.run_config == {"ops": {a: {"config": {"incremental": True}} for a in ingest}}
+        assert request.run_config == {
+            "ops": {a: {"config": {"incremental": True}} for a in ingest},
+            "execution": {"config": {"in_process": True}},  # a refresh runs in one process
+        }
         assert request.run_key == "refresh-2024-05-10"
         # on 1 January the new days are last year's
         (request,) = _tick(instance, datetime(2025, 1, 1, 1, 0, tzinfo=UTC)).run_requests
@@ -168,7 +171,7 @@ def test_daily_refresh_runs_yesterdays_year_incrementally_and_catches_up_across_
             )
         )
         (request,) = _tick(instance, datetime(2025, 1, 21, 1, 0, tzinfo=UTC)).run_requests
-        assert request.run_config == {}
+        assert request.run_config == {"execution": {"config": {"in_process": True}}}
         assert "ohlcv_bars:ohlcv_quality" in request.tags["mambacast/refresh"]
     job = defs.resolve_job_def("daily_refresh_job")
     selected = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}

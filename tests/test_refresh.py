@@ -10,7 +10,13 @@ import pytest
 from assets.ingest import INGEST_ASSETS, OVERLAP_DAYS, resume_point
 from assets.quality import QUALITY_CHECKS
 from assets.resources import MarketSourcesResource
-from pipelines.definitions import ALL_ASSETS, INCREMENTAL, default_resources, refresh_request
+from pipelines.definitions import (
+    ALL_ASSETS,
+    IN_PROCESS,
+    INCREMENTAL,
+    default_resources,
+    refresh_request,
+)
 from warehouse import DataPaths, Lake, Warehouse
 from warehouse.sources.synthetic import SyntheticOHLCV
 
@@ -38,7 +44,8 @@ def _run(
         selection=REFRESH,
         resources={**default_resources(str(root)), "sources": sources},
         tags=tags,
-        run_config=run_config,
+        # materialize() runs in process anyway; its executor takes no `in_process` switch
+        run_config={k: v for k, v in (run_config or {}).items() if k != "execution"},
         instance=instance,
     )
 
@@ -121,7 +128,7 @@ def test_three_day_refresh_on_a_growing_file_adds_exactly_one_day_each_time(mark
         for day in range(1, 4):
             today = FIRST + timedelta(days=day)
             request = refresh_request(instance, today + timedelta(hours=1))
-            assert request.run_config == INCREMENTAL
+            assert request.run_config == {**INCREMENTAL, **IN_PROCESS}
             result = _run(root, sources(today), request.tags, request.run_config, instance)
             assert result.success
             # each ingest fetched the new day and re-read its overlap before it (rewritten, not

@@ -107,6 +107,7 @@ class SequenceForecaster(Forecaster):
         self.anchor_fill: dict[str, float] | None = None
         self.precision: str | None = None  # as fitted, validated and so predicted
         self.input_columns: list[str] | None = None  # the fold's feature columns, once loaded
+        self.backbone: BackboneConfig | None = None  # the loaded model's config
         self.history: list[dict] = []
         self.summary: dict = {}
 
@@ -307,7 +308,7 @@ class SequenceForecaster(Forecaster):
             weights_only=True,
         )
         model.load_state_dict(weights["model"])
-        f.model = model
+        f.model, f.backbone = model, cfg
         f.loss = MultiTaskLoss(cfg.quantiles, n_horizons=len(cfg.horizons))
         f.loss.load_state_dict(weights["loss"])
         f.input_columns = list(config["feature_columns"])  # the fold's, before onchain=False
