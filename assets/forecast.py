@@ -13,6 +13,7 @@ import polars as pl
 
 from assets.features import features, labels
 from assets.metadata import png_md, table_md
+from assets.partitions import SINGLE_RUN
 from assets.resources import DUCKDB_POOL, WarehouseResource
 from assets.training import dataset_rows, mamba_model, training_dataset
 from ml.sequence_names import MAMBA2
@@ -51,6 +52,7 @@ def newest_model(store, meta: dict, kind: str) -> Artifact | None:
     kinds={"pytorch", "duckdb"},
     code_version="1",
     output_required=False,  # skipped until a model is trained
+    backfill_policy=SINGLE_RUN,  # may share a partition-range run with the fold assets
     description="The newest trained Mamba2's forecast at every symbol's newest bar (direction "
     "probabilities, p10/p90 and sigma, multi-horizon returns, the seeds' mean), carrying the "
     "recurrent state forward over the bars since the last run only; stored in the DuckDB table "

@@ -2,46 +2,15 @@
 
 import itertools
 import json
-import os
-import shutil
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from datetime import datetime
-from pathlib import Path
 
 import dagster as dg
 import pytest
 
 from assets.resources import MarketSourcesResource
+from tests.processes import BIN, ROOT, free_port, instance_env, wait_for_asset_graph
 from warehouse import DataPaths, Warehouse
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def _env(tmp_path: Path) -> dict[str, str]:
-    home = tmp_path / "data" / "dagster_home"
-    home.mkdir(parents=True)
-    shutil.copy(ROOT / "pipelines" / "dagster.yaml", home / "dagster.yaml")
-    env = {
-        **os.environ,
-        "MAMBACAST_DATA_DIR": str(tmp_path / "data"),
-        "DAGSTER_HOME": str(home),
-        "DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS": "true",
-    }
-    # as `make instance` does: create the storage schemas before runs can start concurrently
-    subprocess.run(
-        [str(BIN / "dagster"), "instance", "migrate"],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    return env
-
 
 UNTIL = "2024-01-04"  # the sources' cutoff: the 2024 partition holds 1-3 January
 
@@ -77,7 +46,7 @@ def _expected_rows(*windows: tuple[datetime, datetime]) -> dict[str, int]:
 def test_dagster_asset_materialize_one_partition_lands_in_the_warehouse_and_the_instance(
     tmp_path, monkeypatch
 ):
-    env = _env(tmp_path)
+    env = instance_env(tmp_path)
     monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
     cmd = _ingest_command("2024")
     for _ in range(2):  # the second run replaces the partition instead of adding to it
@@ -94,16 +63,10 @@ def test_dagster_asset_materialize_one_partition_lands_in_the_warehouse_and_the_
         assert runs[0].tags["dagster/partition"] == "2024"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_webserver_serves_the_graph_on_localhost(tmp_path):
-    env = _env(tmp_path)
-    port = _free_port()
+    env = instance_env(tmp_path)
+    port = free_port()
     proc = subprocess.Popen(
         [
             str(BIN / "dagster-webserver"),
@@ -121,31 +84,13 @@ def test_webserver_serves_the_graph_on_localhost(tmp_path):
         text=True,
     )
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/server_info", timeout=2) as r:
-                    assert "dagster_webserver_version" in json.loads(r.read())
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read()[-3000:]
-                assert time.time() < deadline, "webserver did not come up in 90 s"
-                time.sleep(0.5)
-        query = {"query": "{ assetNodes { assetKey { path } groupName } }"}
-        nodes = []
-        while not nodes and time.time() < deadline:  # the code location loads after the server
-            req = urllib.request.Request(
-                f"{base}/graphql",
-                data=json.dumps(query).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            with urllib.request.urlopen(req, timeout=10) as r:
-                nodes = json.loads(r.read())["data"]["assetNodes"]
-            time.sleep(0.5)
+        nodes = wait_for_asset_graph(
+            f"http://127.0.0.1:{port}", proc, output=lambda: proc.stderr.read()[-3000:]
+        )
         got = {n["assetKey"]["path"][0]: n["groupName"] for n in nodes}
         assert got["ohlcv_bars"] == "ingest" and got["backtest"] == "backtest"
-        assert len(got) == 12 and got["evaluation"] == "evaluation"
+        assert len(got) == 13 and got["evaluation"] == "evaluation"
+        assert got["latest_forecast"] == "forecast"
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -154,7 +99,7 @@ def test_webserver_serves_the_graph_on_localhost(tmp_path):
 
 @pytest.mark.slow
 def test_two_cli_runs_writing_different_partitions_at_once_both_succeed(tmp_path, monkeypatch):
-    env = _env(tmp_path)
+    env = instance_env(tmp_path)
     monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
     procs = [
         subprocess.Popen(
