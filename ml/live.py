@@ -177,6 +177,7 @@ def carry_forward(
         checkpoints = list(known.get(key, []))
         ck = _resume(group, checkpoints)
         previous = max((int(c["pos"]) for c in checkpoints), default=-1)
+        reason = why if not checkpoints else "inputs changed before the oldest checkpoint"
         if ck is not None:
             try:
                 states = [
@@ -184,10 +185,9 @@ def carry_forward(
                     for s, f in zip(ck["states"], seeds, strict=True)
                 ]
             except (TypeError, ValueError, KeyError, AttributeError, ImportError):
-                ck, why = None, "saved state unreadable"  # e.g. a state class changed
+                ck, reason = None, "saved state unreadable"  # e.g. a state class changed
         if ck is None:
             start, states = 0, [None] * len(seeds)
-            reason = why if not checkpoints else "inputs changed before the oldest checkpoint"
             restarted.append(f"{key}: {reason if stateful else 'windowed model, recomputed'}")
             checkpoints, previous = [], -1
         else:

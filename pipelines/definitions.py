@@ -25,6 +25,7 @@ from assets.training import (
     training_dataset,
 )
 from pipelines.alerts import AlertsResource, run_failure_alert
+from pipelines.pipes import WholeLineTempFileMessageReader
 from warehouse.paths import DEFAULT_DATA_DIR
 
 ALL_ASSETS = [
@@ -167,7 +168,10 @@ def default_resources(data_dir: str | None = None) -> dict[str, dg.ConfigurableR
     return {
         "warehouse": WarehouseResource(data_dir=str(Path(root).expanduser().resolve())),
         # The key is passed as an EnvVar reference, so the UI shows the name, never the value.
-        "pipes_subprocess_client": dg.PipesSubprocessClient(),
+        # Dagster's file reader can parse a message line the training process is still writing
+        "pipes_subprocess_client": dg.PipesSubprocessClient(
+            message_reader=WholeLineTempFileMessageReader()
+        ),
         "sources": MarketSourcesResource(
             fred_api_key=dg.EnvVar("FRED_API_KEY") if os.environ.get("FRED_API_KEY") else None
         ),

@@ -195,6 +195,21 @@ def test_latest_forecast_ignores_a_state_from_other_settings_or_an_unreadable_fi
     broken = tmp_path / "state.pt"
     broken.write_bytes(b"not a torch file")
     assert load_state(broken) is None
+    # a checkpoint naming a state class that no longer exists: that group restarts
+    gone = {
+        **first.state,
+        "groups": {
+            k: [
+                {**c, "states": [{**st, "spec": ("dc", "ml.gone:State", {})} for st in c["states"]]}
+                for c in v
+            ]
+            if k == "BTC-USD"
+            else v
+            for k, v in first.state["groups"].items()
+        },
+    }
+    again = carry_forward(seeds, groups, targets, gone)
+    assert again.restarted == ["BTC-USD: saved state unreadable"]
 
 
 def test_latest_forecast_of_a_windowed_model_is_recomputed_every_time(live, artifact):
