@@ -16,6 +16,7 @@ from assets.metadata import png_md, table_md
 from assets.partitions import SINGLE_RUN
 from assets.resources import DUCKDB_POOL, WarehouseResource
 from assets.training import dataset_rows, mamba_model, training_dataset
+from ml.forecasters.base import ALL_TARGETS
 from ml.sequence_names import MAMBA2
 from ml.walkforward import Fold
 from warehouse.artifacts import Artifact, ArtifactError
@@ -124,7 +125,6 @@ def latest_forecast(
         pl.col("model_version") == art.version
     )
     latest = stored.filter(pl.col("as_of") == pl.col("as_of").max().over("symbol"))
-    recent = stored
     outcomes = lake.read("labels").select(
         "symbol",
         pl.col("ts").alias("as_of"),
@@ -151,10 +151,10 @@ def latest_forecast(
             rows=50,
         ),
     }
-    if recent.height:
+    if stored.height:
         from ml.report import plot_recent_forecasts
 
-        joined = recent.join(outcomes, on=["symbol", "as_of"], how="left")
+        joined = stored.join(outcomes, on=["symbol", "as_of"], how="left")
         symbols = sorted(joined["symbol"].unique().to_list())
         if len(symbols) > MAX_PLOTS:
             metadata["plots"] = f"the first {MAX_PLOTS} of {len(symbols)} symbols"
@@ -195,14 +195,7 @@ def _check_heads(f, targets, version: str) -> None:
 
 
 def _prediction_columns(targets) -> list[str]:
-    return [
-        "p_down",
-        "p_flat",
-        "p_up",
-        *targets.quantile_columns,
-        "sigma",
-        *[targets.return_column(h) for h in targets.return_horizons],
-    ]
+    return [c for t in ALL_TARGETS for c in targets.prediction_columns(t)]
 
 
 def _store(wh, forecasts: pl.DataFrame, art: Artifact, fold: Fold, targets) -> int:

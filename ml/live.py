@@ -85,10 +85,11 @@ def _records(group: LaneGroup) -> np.ndarray:
 
 
 class _Digests:
-    """sha256 of the group's first n records, for growing n, in one pass over the bytes."""
+    """sha256 of the group's first n records (`_records`), for growing n, in one pass over the
+    bytes."""
 
-    def __init__(self, group: LaneGroup) -> None:
-        self.records = _records(group)
+    def __init__(self, group: LaneGroup, records: np.ndarray) -> None:
+        self.records = records
         self.hash = hashlib.sha256(_group_key(group).encode())
         self.n = 0
 
@@ -100,11 +101,11 @@ class _Digests:
         return self.hash.copy().hexdigest()
 
 
-def _resume(group: LaneGroup, checkpoints: list[dict]) -> dict | None:
+def _resume(group: LaneGroup, records: np.ndarray, checkpoints: list[dict]) -> dict | None:
     """The newest checkpoint before the group's last position whose inputs still match (a
     revised bar invalidates every checkpoint from it on)."""
     T = group.calendar.len()
-    digests, found = _Digests(group), None
+    digests, found = _Digests(group, records), None
     for ck in sorted(checkpoints, key=lambda c: c["pos"]):
         pos = int(ck["pos"])
         if pos >= T - 1 or digests.upto(pos + 1) != ck["digest"]:
@@ -175,7 +176,8 @@ def carry_forward(
     for group in groups:
         key, T = _group_key(group), group.calendar.len()
         checkpoints = list(known.get(key, []))
-        ck = _resume(group, checkpoints)
+        records = _records(group)
+        ck = _resume(group, records, checkpoints)
         previous = max((int(c["pos"]) for c in checkpoints), default=-1)
         reason = why if not checkpoints else "inputs changed before the oldest checkpoint"
         if ck is not None:
@@ -201,7 +203,7 @@ def carry_forward(
             if step_from > start:
                 out, states[i] = f.stream(group.x[:, start:step_from], states[i])
                 outs[i].append(out)
-        digests = _Digests(group)
+        digests = _Digests(group, records)
         for pos in range(step_from, T):
             for i, f in enumerate(seeds):
                 out, states[i] = f.stream(group.x[:, pos : pos + 1], states[i], chunk=1)

@@ -42,6 +42,13 @@ def instance_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def ui_command(port: int, *program: str) -> list[str]:
+    """The webserver (or `"dagster", "dev"`, what `make ui` runs) on workspace.yaml, on
+    127.0.0.1 and `port`."""
+    name, *args = program or ("dagster-webserver",)
+    return [str(BIN / name), *args, "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

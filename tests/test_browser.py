@@ -44,6 +44,7 @@ from tests.processes import (
     free_port,
     instance_env,
     stop_process_group,
+    ui_command,
     wait_for_asset_graph,
     with_default_sigint,
 )
@@ -166,18 +167,7 @@ def ui(demo, tmp_path_factory):
     log = tmp_path_factory.mktemp("browser-ui") / "dagster-dev.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            with_default_sigint(
-                [
-                    str(BIN / "dagster"),
-                    "dev",
-                    "-w",
-                    "workspace.yaml",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    str(port),
-                ]
-            ),
+            with_default_sigint(ui_command(port, "dagster", "dev")),
             cwd=ROOT,
             env=demo.env,
             stdout=out,

@@ -9,7 +9,14 @@ import dagster as dg
 import pytest
 
 from assets.resources import MarketSourcesResource
-from tests.processes import BIN, ROOT, free_port, instance_env, wait_for_asset_graph
+from tests.processes import (
+    BIN,
+    ROOT,
+    free_port,
+    instance_env,
+    ui_command,
+    wait_for_asset_graph,
+)
 from warehouse import DataPaths, Warehouse
 
 UNTIL = "2024-01-04"  # the sources' cutoff: the 2024 partition holds 1-3 January
@@ -68,15 +75,7 @@ def test_webserver_serves_the_graph_on_localhost(tmp_path):
     env = instance_env(tmp_path)
     port = free_port()
     proc = subprocess.Popen(
-        [
-            str(BIN / "dagster-webserver"),
-            "-w",
-            "workspace.yaml",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
+        ui_command(port),
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
