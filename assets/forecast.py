@@ -16,7 +16,6 @@ from assets.metadata import png_md, table_md
 from assets.partitions import SINGLE_RUN
 from assets.resources import DUCKDB_POOL, WarehouseResource
 from assets.training import dataset_rows, mamba_model, training_dataset
-from ml.forecasters.base import ALL_TARGETS
 from ml.sequence_names import MAMBA2
 from ml.walkforward import Fold
 from warehouse.artifacts import Artifact, ArtifactError
@@ -195,6 +194,9 @@ def _check_heads(f, targets, version: str) -> None:
 
 
 def _prediction_columns(targets) -> list[str]:
+    # imported here: the ml.forecasters package loads every forecaster (LightGBM, arch, scipy)
+    from ml.forecasters.base import ALL_TARGETS
+
     return [c for t in ALL_TARGETS for c in targets.prediction_columns(t)]
 
 
