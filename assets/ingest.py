@@ -2,6 +2,10 @@
 
 A partition (or a range of them, in one run) deletes its window's rows for the configured
 entities and inserts the fetched rows in one transaction: re-runs never duplicate rows. The
+write is audited before it is published: inside the transaction, the table's blocking quality
+suite runs on the staged window (the rows its check will read), and a failure rolls the write
+back, so a bad fetch never costs the good rows it would have replaced. A write that would delete
+stored rows of its window without replacing them fails too, unless `allow_shrink` confirms it. The
 window ends at the sources' cutoff (today 00:00 UTC, or `until`), so only complete days are
 stored; with `incremental` set in the asset's config (the daily refresh sets it) it starts after
 the newest stored bar, so a refresh fetches and writes only the new days, however many were
@@ -13,11 +17,13 @@ from datetime import datetime, timedelta
 import dagster as dg
 from pydantic import Field
 
-from assets.metadata import table_md
+from assets.metadata import report_metadata, table_md
 from assets.partitions import SINGLE_RUN, ingest_partitions
 from assets.resources import DUCKDB_POOL, MarketSourcesResource, WarehouseResource
 from warehouse import Warehouse
+from warehouse.quality import QualityReport, RuleConfig, validate_window
 from warehouse.schema import ohlcv_table
+from warehouse.store import Reader, ShrinkingWindowError
 
 # Days an incremental fetch re-reads before the newest stored row: sources revise their newest
 # rows (a day's volume, preliminary on-chain metrics, FRED values in csv mode), and a one-day
@@ -38,10 +44,61 @@ class IngestConfig(dg.Config):
         description="Days re-read before the resume point in incremental mode (default: 3 for "
         "bars, 7 for on-chain rows, 30 for macro series, which are revised)",
     )
+    allow_shrink: bool = Field(
+        default=False,
+        description="Confirm a write that deletes stored rows of its window without replacing "
+        "them (a source that no longer serves some rows). Without it such a write fails and "
+        "nothing is written: a truncated file or a short page must not delete stored data "
+        "quietly",
+    )
+
+
+# the rules of the ingest tables' blocking checks (assets/quality.py), also run on staged writes
+RULES = RuleConfig()
+
+
+class AuditFailure(Exception):
+    """The staged write fails its table's blocking quality suite; it is rolled back."""
+
+    def __init__(self, report: QualityReport) -> None:
+        super().__init__(report.summary())
+        self.report = report
 
 
 # how far past the newest stored row the next fetch starts: one bar
 _BAR = {"1d": timedelta(days=1), "1h": timedelta(hours=1), "1m": timedelta(minutes=1)}
+
+
+def publish(
+    store: Warehouse,
+    table: str,
+    timeframe: str,
+    rows,
+    window: tuple[datetime, datetime],
+    source,
+    checked: tuple[datetime, datetime],
+    allow_shrink: bool = False,
+    log=None,
+) -> list:
+    """Write-audit-publish `rows` (fetched from `source` for `window`) into `table`: stage the
+    replace in one transaction, audit the staged table over the `checked` window with its
+    blocking suite, and commit only if it passes. Raises AuditFailure (the report inside) or
+    ShrinkingWindowError, the warehouse unchanged; returns the WriteResults otherwise."""
+
+    def audit(read: Reader) -> None:
+        report = validate_window(table, read, *checked, RULES)
+        if not report.success:
+            raise AuditFailure(report)
+        if log is not None:
+            log(f"Audit of the staged write passed: {report.summary()}")
+
+    write = {"allow_shrink": allow_shrink, "audit": audit}
+    start, end = window
+    if table == "ohlcv":
+        return store.replace_bars(
+            timeframe, rows, start, end, source.entities, source.name, **write
+        )
+    return [store.replace_window(table, rows, start, end, source.entities, source.name, **write)]
 
 
 def partition_window(
@@ -79,6 +136,9 @@ def ingest_window(
     timeframe = getattr(source, "timeframe", "1d")
     stored = ohlcv_table(timeframe) if table == "ohlcv" else table  # the table written
     start, end = partition_window(context, sources)
+    # what the table's blocking check reads after the write (for bars the daily table, whatever
+    # the source's timeframe): the staged write is audited on the same rows
+    checked = (start, max(start, end))
     if config.incremental:
         resume = resume_point(store, stored, list(source.entities), timeframe)
         if resume is not None:
@@ -108,11 +168,45 @@ def ingest_window(
         f"[{start:%Y-%m-%d}, {end:%Y-%m-%d})"
     )
     rows = source.fetch(start, end)
-    context.log.info(f"Fetched {rows.height} rows; writing them in one transaction")
-    if table == "ohlcv":
-        results = store.replace_bars(timeframe, rows, start, end, source.entities, source.name)
-    else:
-        results = [store.replace_window(table, rows, start, end, source.entities, source.name)]
+    context.log.info(
+        f"Fetched {rows.height} rows; staging them in one transaction and auditing "
+        f"{table} over [{checked[0]:%Y-%m-%d}, {checked[1]:%Y-%m-%d}) before publishing"
+    )
+
+    try:
+        results = publish(
+            store,
+            table,
+            timeframe,
+            rows,
+            (start, end),
+            source,
+            checked,
+            config.allow_shrink,
+            context.log.info,
+        )
+    except AuditFailure as failed:
+        report, window = failed.report, f"[{checked[0]:%Y-%m-%d}, {checked[1]:%Y-%m-%d})"
+        # the verdict is the table's blocking check's own, recorded under its name, so the UI
+        # shows the failed evaluation where it shows every other one
+        context.log_event(
+            dg.AssetCheckEvaluation(
+                asset_key=context.asset_key,
+                check_name=f"{table}_quality",
+                passed=False,
+                severity=dg.AssetCheckSeverity.ERROR,
+                description=f"Audit of the staged write (rolled back): {report.summary()}"[:2000],
+                metadata=report_metadata(report, window),
+            )
+        )
+        raise dg.Failure(
+            description=f"The fetched rows fail the blocking check {table}_quality on "
+            f"{window} ({report.summary()}); nothing was written: the stored rows are as they "
+            "were. Fix the source (or its file) and re-run.",
+            metadata=report_metadata(report, window),
+        ) from None
+    except ShrinkingWindowError as exc:
+        raise dg.Failure(description=str(exc)) from None
     for r in results:
         context.log.info(
             f"{r.table}: replaced {r.rows_deleted} rows with {r.rows_inserted}; "

@@ -53,3 +53,23 @@ def check_result(
         description=summary[:2000],
         metadata={**metadata, **tables},
     )
+
+
+def report_metadata(report: Any, window: str) -> dict[str, Any]:
+    """What a quality report shows on a check evaluation: counts, the window it covered, and
+    its failed expectations and its warnings in a table each (rule, unexpected rows, a few
+    examples). Shared by the ingest tables' checks and the audit of a staged ingest write."""
+    from warehouse.quality import outcomes_frame
+
+    metadata: dict[str, Any] = {
+        "rows_checked": report.rows,
+        "window": window,
+        "expectations": len(report.outcomes),
+        "failed": len(report.failures),
+        "warned": len(report.warnings),
+    }
+    if report.failures:
+        metadata["failures"] = table_md(outcomes_frame(report.failures), rows=50)
+    if report.warnings:
+        metadata["warnings"] = table_md(outcomes_frame(report.warnings), rows=50)
+    return metadata

@@ -10,24 +10,18 @@ metadata without failing it: the features' ragged-edge rule handles such inputs.
 from datetime import timedelta
 
 import dagster as dg
-import polars as pl
 
 from assets.features import features
-from assets.ingest import INGEST_ASSETS, TABLE_OF, partition_window
-from assets.metadata import check_result
+from assets.ingest import INGEST_ASSETS, RULES, TABLE_OF, partition_window
+from assets.metadata import check_result, report_metadata
 from assets.resources import MarketSourcesResource, WarehouseResource
 from ml.features import FeatureConfig, onchain_feature_columns
 from warehouse.quality import (
     QualityReport,
-    RuleConfig,
-    merge_reports,
     validate_features,
     validate_moves,
-    validate_rules,
-    validate_table,
+    validate_window,
 )
-
-RULES = RuleConfig()
 
 
 def _window(context: dg.AssetCheckExecutionContext, sources: MarketSourcesResource):
@@ -49,30 +43,10 @@ def _result(
     """Log the suite's summary and report its failed expectations and its warnings in a table
     each (rule, count of unexpected rows, a few examples) next to the window it covered."""
     (context.log.warning if report.warnings else context.log.info)(report.summary())
-
-    def table(outcomes) -> pl.DataFrame:
-        return pl.DataFrame(
-            [
-                {"rule": o.rule, "rows": o.unexpected_count, "examples": str(o.examples[:3])}
-                for o in outcomes
-            ]
-        )
-
-    failing = {"failures": table(report.failures)} if report.failures else {}
-    if report.warnings:
-        failing["warnings"] = table(report.warnings)
     return check_result(
         passed=report.success,
         summary=report.summary(),
-        metadata={
-            "rows_checked": report.rows,
-            "window": window,
-            "expectations": len(report.outcomes),
-            "failed": len(report.failures),
-            "warned": len(report.warnings),
-        },
-        failing=failing or None,
-        rows=50,
+        metadata=report_metadata(report, window),
         severity=severity,
     )
 
@@ -99,15 +73,7 @@ def _quality_check(asset: dg.AssetsDefinition) -> dg.AssetChecksDefinition:
     ) -> dg.AssetCheckResult:
         start, end = _window(context, sources)
         store = warehouse.warehouse()
-        if start is None:
-            context_rows = store.read(table)
-            rows = context_rows
-        else:
-            context_rows = store.read(table, start - timedelta(days=RULES.lookback_days), end)
-            rows = store.read(table, start, end)
-        report = merge_reports(
-            validate_table(table, rows), validate_rules(table, context_rows, start, end, RULES)
-        )
+        report = validate_window(table, store.read, start, end, RULES)
         return _result(context, report, f"[{start}, {end})" if start else "whole table")
 
     return check

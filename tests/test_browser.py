@@ -4,7 +4,7 @@ The UI is served the way `make ui` serves it (`dagster dev -w workspace.yaml`, o
 a free port) on a data directory where the demo has run (`python -m pipelines.run demo`, two
 `dagster asset materialize` runs), plus one more real CLI run that ingests a year of bars with
 one impossible bar (high below low) through the file connector, so that `ohlcv_quality` has a
-failed evaluation in that instance. Headless Debian chromium, driven by playwright, then:
+failed evaluation in that instance (the ingest's audit of its staged write, rolled back). Headless Debian chromium, driven by playwright, then:
 
 1. dismisses the first visit's "Join the Dagster community" dialog with Skip;
 2. opens the global asset graph and sees one node per asset group of the definitions;
@@ -119,7 +119,8 @@ def demo(tmp_path_factory) -> Demo:
     env = instance_env(root)
     proc = _run([sys.executable, "-m", "pipelines.run", "demo", *DEMO], env, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    # the real CLI, as a user would ingest a file: the blocking check fails, so does the run
+    # the real CLI, as a user would ingest a file: the audit of the staged write fails the
+    # blocking check before anything is published, so does the run
     config = {
         "resources": {
             "sources": {
@@ -145,9 +146,10 @@ def demo(tmp_path_factory) -> Demo:
         json.dumps(config),
     ]
     proc = _run(planted, env, timeout=300)
-    assert proc.returncode != 0 and "blocking asset check failed" in proc.stdout + proc.stderr, (
-        proc.stdout + proc.stderr
-    )[-6000:]
+    assert (
+        proc.returncode != 0
+        and "fail the blocking check ohlcv_quality" in proc.stdout + proc.stderr
+    ), (proc.stdout + proc.stderr)[-6000:]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])  # the storage config reads it
         with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:

@@ -6,6 +6,9 @@ import pytest
 
 from warehouse.schema import OHLCV, conform
 from warehouse.sources import SourceError, make_source
+from warehouse.sources.base import SourceFetchError
+
+PRICES = ("open", "high", "low", "close")
 
 
 def _tidy(n, step, start=datetime(2021, 1, 1)):
@@ -39,14 +42,18 @@ def test_tidy_hourly_csv_with_iso_utc_times_and_a_gap(tmp_path):
     df = _tidy(48, timedelta(hours=1)).with_columns(
         datetime_utc=pl.col("ts").dt.strftime("%Y-%m-%dT%H:%M:%SZ")
     )
-    df = df.with_columns(
-        close=pl.when(pl.col("ts") == datetime(2021, 1, 1, 5)).then(None).otherwise(pl.col("close"))
-    )
+    hole = pl.col("ts") == datetime(2021, 1, 1, 5)
+    gap = df.with_columns([pl.when(hole).then(None).otherwise(pl.col(c)).alias(c) for c in PRICES])
     path = tmp_path / "btc_1h.csv"
-    df.drop("ts").write_csv(path)
+    gap.drop("ts").write_csv(path)
     src = make_source("ohlcv", "file", path=str(path), symbols=("BTC-USD",), timeframe="1h")
     got = src.fetch(datetime(2021, 1, 1), datetime(2021, 1, 2))
-    assert got.height == 23  # the hour with a missing close is a gap, not filled
+    assert got.height == 23  # the hour without prices is a gap, not filled
+    # a bar with a close missing but its other prices there is a broken row, not a gap
+    broken = df.with_columns(close=pl.when(hole).then(None).otherwise(pl.col("close")))
+    broken.drop("ts").write_csv(path)
+    with pytest.raises(SourceFetchError, match=r"some prices but not all.*2021-01-01 05:00"):
+        src.fetch(datetime(2021, 1, 1), datetime(2021, 1, 2))
 
 
 def test_the_one_minute_bitcoin_layout(tmp_path):

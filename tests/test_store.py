@@ -8,6 +8,7 @@ import pytest
 
 from warehouse import DataPaths, Warehouse
 from warehouse.schema import SchemaError
+from warehouse.store import ShrinkingWindowError
 from warehouse.sources import make_source
 
 JAN, FEB, MAR = datetime(2021, 1, 1), datetime(2021, 2, 1), datetime(2021, 3, 1)
@@ -34,8 +35,9 @@ def test_a_window_replaces_only_its_own_rows(warehouse):
     warehouse.replace_window("ohlcv", feb, FEB, MAR, src.entities)
     warehouse.replace_window("ohlcv", feb, FEB, MAR, src.entities)
     assert warehouse.count("ohlcv") == jan.height + feb.height
-    # an empty fetch for a window removes that window's rows for the requested entities only
-    warehouse.replace_window("ohlcv", feb.clear(), FEB, MAR, ["ACME"])
+    # an empty fetch for a window, once confirmed, removes that window's rows for the requested
+    # entities only
+    warehouse.replace_window("ohlcv", feb.clear(), FEB, MAR, ["ACME"], allow_shrink=True)
     left = warehouse.read("ohlcv", FEB, MAR)
     assert "ACME" not in left["symbol"].to_list()
     assert left.height == feb.filter(pl.col("symbol") != "ACME").height
@@ -206,3 +208,67 @@ def test_summary_gives_rows_and_range_per_entity(warehouse):
     s = warehouse.summary("ohlcv")
     assert s["entity"].to_list() == ["ACME", "BTC-USD", "GLBX"]
     assert s.filter(pl.col("entity") == "BTC-USD")["rows"][0] == 31
+
+
+def test_a_replace_that_shrinks_the_window_fails_and_keeps_the_rows(warehouse):
+    src, jan = _bars(JAN, FEB)
+    warehouse.replace_window("ohlcv", jan, JAN, FEB, src.entities)
+    before = warehouse.read("ohlcv")
+    short = jan.filter(~((pl.col("symbol") == "BTC-USD") & (pl.col("ts") == datetime(2021, 1, 9))))
+    with pytest.raises(ShrinkingWindowError, match=r"BTC-USD: 1 of its 31 rows, from 2021-01-09") as err:
+        warehouse.replace_window("ohlcv", short, JAN, FEB, src.entities, "file")
+    assert "allow_shrink" in str(err.value) and "nothing was written" in str(err.value)
+    assert warehouse.read("ohlcv").equals(before)
+    # a row moved to another time loses the stored one too
+    moved = jan.with_columns(
+        ts=pl.when((pl.col("symbol") == "ACME") & (pl.col("ts") == datetime(2021, 1, 4)))
+        .then(datetime(2021, 1, 9))
+        .otherwise(pl.col("ts"))
+    )
+    with pytest.raises(ShrinkingWindowError, match=r"ACME: 1 of its 21 rows, from 2021-01-04"):
+        warehouse.replace_window("ohlcv", moved, JAN, FEB, src.entities)
+    assert warehouse.read("ohlcv").equals(before)
+    # the same rows, or more, pass; a confirmed shrink passes too
+    warehouse.replace_window("ohlcv", jan, JAN, FEB, src.entities)
+    warehouse.replace_window("ohlcv", short, JAN, FEB, src.entities, allow_shrink=True)
+    assert warehouse.count("ohlcv") == before.height - 1
+
+
+def test_shrinking_daily_bars_rebuilt_from_hourly_ones_fails(warehouse):
+    hourly = make_source("ohlcv", "synthetic", timeframe="1h", symbols=["BTC-USD"])
+    bars = hourly.fetch(JAN, JAN + timedelta(days=4))
+    warehouse.replace_bars("1h", bars, JAN, JAN + timedelta(days=4), ["BTC-USD"])
+    daily = warehouse.read("ohlcv")
+    # a whole day missing: fewer hourly and fewer daily bars
+    cut = bars.filter(pl.col("ts") < JAN + timedelta(days=3))
+    with pytest.raises(ShrinkingWindowError, match="ohlcv_1h"):
+        warehouse.replace_bars("1h", cut, JAN, JAN + timedelta(days=4), ["BTC-USD"])
+    assert warehouse.read("ohlcv").equals(daily)
+    assert warehouse.count("ohlcv_1h") == bars.height
+
+
+def test_an_audit_sees_the_staged_rows_and_its_failure_publishes_nothing(warehouse):
+    src, jan = _bars(JAN, FEB)
+    warehouse.replace_window("ohlcv", jan, JAN, FEB, src.entities)
+    before = warehouse.read("ohlcv")
+    bad = jan.with_columns(
+        high=pl.when(pl.col("ts") == datetime(2021, 1, 9)).then(0.5).otherwise(pl.col("high"))
+    )
+    seen = {}
+
+    class Rejected(Exception):
+        pass
+
+    def audit(read):
+        staged = read("ohlcv", JAN, FEB)
+        seen["rows"] = staged.height
+        broken = staged.filter(pl.col("high") < pl.col("low"))
+        if broken.height:
+            raise Rejected(f"{broken.height} bars with high below low")
+
+    with pytest.raises(Rejected, match="1 bars"):
+        warehouse.replace_window("ohlcv", bad, JAN, FEB, src.entities, audit=audit)
+    assert seen["rows"] == jan.height
+    assert warehouse.read("ohlcv").equals(before)  # the good bars are still there
+    warehouse.replace_window("ohlcv", jan, JAN, FEB, src.entities, audit=audit)
+    assert warehouse.read("ohlcv").equals(before)

@@ -12,9 +12,9 @@ edge that the features' ragged-edge rule handles, see ml.features.select_model_c
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any, Literal
 
 import polars as pl
@@ -487,6 +487,29 @@ def validate_rules(
     return QualityReport(table, rows.height, [str(e) for e in entities], outcomes)
 
 
+def validate_window(
+    table: str,
+    read: Callable[[str, Any, Any], pl.DataFrame],
+    start: datetime | None = None,
+    end: datetime | None = None,
+    cfg: RuleConfig = RuleConfig(),
+) -> QualityReport:
+    """The blocking suite of raw table `table` over [start, end) (the whole table when `start`
+    is None): the Great Expectations suite on the window's rows and the polars rules with
+    `cfg.lookback_days` of context before it. `read(table, lo, hi)` returns the rows with time
+    in [lo, hi) (None: unbounded). The ingest runs it on its staged write before publishing it,
+    the table's blocking check on the stored rows, so both judge the same rows the same way.
+    """
+    if start is None:
+        context = rows = read(table, None, None)
+    else:
+        context = read(table, start - timedelta(days=cfg.lookback_days), end)
+        rows = _in_window(table, context, _start_of(table, start), _start_of(table, end))
+    return merge_reports(
+        validate_table(table, rows), validate_rules(table, context, start, end, cfg)
+    )
+
+
 def validate_moves(
     df: pl.DataFrame, window_start: datetime | None = None, cfg: RuleConfig = RuleConfig()
 ) -> QualityReport:
@@ -495,6 +518,16 @@ def validate_moves(
     entities = rows["symbol"].unique(maintain_order=True).to_list()
     return QualityReport(
         "ohlcv", rows.height, entities, [check_extreme_moves(df, window_start, cfg)]
+    )
+
+
+def outcomes_frame(outcomes: Sequence[ExpectationOutcome]) -> pl.DataFrame:
+    """Outcomes as a table for the UI: the rule, its count of unexpected rows, a few examples."""
+    return pl.DataFrame(
+        [
+            {"rule": o.rule, "rows": o.unexpected_count, "examples": str(o.examples[:3])}
+            for o in outcomes
+        ]
     )
 
 

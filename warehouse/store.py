@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -31,6 +31,21 @@ _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 class WarehouseBusyError(RuntimeError):
     """Another process held the warehouse lock for longer than the timeout."""
+
+
+class ShrinkingWindowError(SchemaError):
+    """A replace would delete stored rows of the window without replacing them (fewer rows, or
+    rows moved to other times).
+
+    Nothing was written. A source that lost or cut rows (a truncated file, a short API page, a
+    source that stopped serving old rows) would otherwise delete stored data without a trace.
+    """
+
+
+# Reads a table inside the write's transaction, seeing the staged rows: (table, start, end)
+Reader = Callable[[str, "datetime | date | None", "datetime | date | None"], pl.DataFrame]
+# Called with a Reader after the staged write, before the commit; raising rolls it all back.
+Audit = Callable[[Reader], None]
 
 
 @dataclass(frozen=True)
@@ -87,20 +102,31 @@ class Warehouse:
         end: datetime | date,
         entities: Sequence[str],
         source: str = "unknown",
+        *,
+        allow_shrink: bool = False,
+        audit: Audit | None = None,
     ) -> WriteResult:
         """Replace the rows of `entities` with time in [start, end) by `df`, in one transaction.
 
         Re-running with the same input leaves the table unchanged; a failure anywhere rolls the
-        whole write back, so readers see either the old window or the new one.
+        whole write back, so readers see either the old window or the new one. The write is
+        staged, then published (write-audit-publish): it raises ShrinkingWindowError when a
+        stored row of the window would be deleted and not replaced (unless `allow_shrink`),
+        and `audit`, given a reader of the staged tables, may raise to roll everything back.
         """
         spec = table_spec(table)
         rows = conform(df, spec, source)
         _check_inside_window(rows, spec, start, end, entities, source)
         lo, hi = _window_bounds(spec, start, end)
         with self.connect() as con, _transaction(con):
+            before = _window_keys(con, spec, lo, hi, entities)
             deleted = _delete_window(con, spec, lo, hi, entities)
             incoming = rows.to_arrow()  # noqa: F841 (read by DuckDB's replacement scan)
             con.execute(f"INSERT INTO {spec.name} SELECT * FROM incoming")  # noqa: S608
+            if not allow_shrink:
+                _refuse_shrink(con, spec, lo, hi, entities, before, source)
+            if audit is not None:
+                audit(_reader(con))
         return WriteResult(spec.name, deleted, rows.height, self.count(spec.name))
 
     def replace_bars(
@@ -111,12 +137,16 @@ class Warehouse:
         end: datetime,
         entities: Sequence[str],
         source: str = "unknown",
+        *,
+        allow_shrink: bool = False,
+        audit: Audit | None = None,
     ) -> list[WriteResult]:
         """Replace a window of `timeframe` bars and rebuild the coarser bars from them.
 
         Minute bars also rebuild the hourly and daily tables for the window, hourly bars the
         daily one; everything happens in one transaction. The window must start and end on UTC
-        day boundaries when there is a coarser table to rebuild.
+        day boundaries when there is a coarser table to rebuild. `allow_shrink` and `audit` are
+        as in replace_window; the shrink rule holds for every table rebuilt.
         """
         spec = table_spec(ohlcv_table(timeframe))
         rows = conform(df, spec, source)
@@ -130,6 +160,10 @@ class Warehouse:
             )
         results = []
         with self.connect() as con, _transaction(con):
+            before = {
+                s.name: _window_keys(con, s, lo, hi, entities)
+                for s in [spec, *(table_spec(ohlcv_table(tf)) for tf in coarser)]
+            }
             deleted = _delete_window(con, spec, lo, hi, entities)
             incoming = rows.to_arrow()  # noqa: F841 (read by DuckDB's replacement scan)
             con.execute(f"INSERT INTO {spec.name} SELECT * FROM incoming")  # noqa: S608
@@ -147,6 +181,11 @@ class Warehouse:
                     [list(entities), lo, hi],
                 ).fetchall()[0][0]
                 results.append((dst.name, gone, int(made)))
+            if not allow_shrink:
+                for name, keys in before.items():
+                    _refuse_shrink(con, table_spec(name), lo, hi, entities, keys, source)
+            if audit is not None:
+                audit(_reader(con))
         return [WriteResult(t, d, n, self.count(t)) for t, d, n in results]
 
     def upsert(self, table: str, df: pl.DataFrame, source: str = "unknown") -> WriteResult:
@@ -175,22 +214,8 @@ class Warehouse:
         entities: Sequence[str] | None = None,
     ) -> pl.DataFrame:
         """Rows of a raw table, optionally restricted to [start, end) and some entities, in key order."""
-        spec = table_spec(table)
-        clauses, params = [], []
-        if entities is not None:
-            clauses.append(f"{spec.entity_column} IN (SELECT unnest(?))")
-            params.append(list(entities))
-        if start is not None:
-            clauses.append(f"{spec.time_column} >= ?")
-            params.append(_as_time(spec, start))
-        if end is not None:
-            clauses.append(f"{spec.time_column} < ?")
-            params.append(_as_time(spec, end))
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = f"SELECT * FROM {spec.name}{where} ORDER BY {', '.join(spec.key)}"  # noqa: S608
         with self.connect() as con:
-            arrow = con.sql(sql, params=params).to_arrow_table()
-        return pl.from_arrow(arrow).select([pl.col(c).cast(t) for c, t in spec.columns.items()])
+            return _read(con, table, start, end, entities)
 
     def count(self, table: str) -> int:
         spec = table_spec(table)
@@ -240,6 +265,69 @@ def _transaction(con: duckdb.DuckDBPyConnection) -> Iterator[None]:
     except BaseException:
         con.rollback()
         raise
+
+
+def _read(
+    con: duckdb.DuckDBPyConnection,
+    table: str,
+    start: datetime | date | None = None,
+    end: datetime | date | None = None,
+    entities: Sequence[str] | None = None,
+) -> pl.DataFrame:
+    spec = table_spec(table)
+    clauses, params = [], []
+    if entities is not None:
+        clauses.append(f"{spec.entity_column} IN (SELECT unnest(?))")
+        params.append(list(entities))
+    if start is not None:
+        clauses.append(f"{spec.time_column} >= ?")
+        params.append(_as_time(spec, start))
+    if end is not None:
+        clauses.append(f"{spec.time_column} < ?")
+        params.append(_as_time(spec, end))
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    sql = f"SELECT * FROM {spec.name}{where} ORDER BY {', '.join(spec.key)}"  # noqa: S608
+    arrow = con.sql(sql, params=params).to_arrow_table()
+    return pl.from_arrow(arrow).select([pl.col(c).cast(t) for c, t in spec.columns.items()])
+
+
+def _reader(con: duckdb.DuckDBPyConnection) -> Reader:
+    """Reads of the tables as the open transaction sees them (the staged rows included)."""
+    return lambda table, start=None, end=None: _read(con, table, start, end)
+
+
+def _window_keys(con: duckdb.DuckDBPyConnection, spec: TableSpec, lo, hi, entities) -> pl.DataFrame:
+    """The (entity, time) keys of `entities` with time in [lo, hi)."""
+    sql = (
+        f"SELECT {spec.entity_column} AS entity, {spec.time_column} AS time "  # noqa: S608
+        f"FROM {spec.name} WHERE {spec.entity_column} IN (SELECT unnest(?)) "
+        f"AND {spec.time_column} >= ? AND {spec.time_column} < ?"
+    )
+    return pl.from_arrow(con.sql(sql, params=[list(entities), lo, hi]).to_arrow_table())
+
+
+def _refuse_shrink(con, spec: TableSpec, lo, hi, entities, before: pl.DataFrame, source) -> None:
+    """Raise ShrinkingWindowError when a key of `before` (the window's keys before the write)
+    is not in the table any more: the write would delete stored rows without replacing them."""
+    after = _window_keys(con, spec, lo, hi, entities)
+    lost = before.join(after, on=["entity", "time"], how="anti")
+    if lost.height:
+        per = lost.group_by("entity", maintain_order=True).agg(
+            pl.len().alias("n"), pl.col("time").min().alias("first")
+        )
+        counts = before.group_by("entity").len()
+        held = dict(zip(counts["entity"].to_list(), counts["len"].to_list(), strict=True))
+        detail = "; ".join(
+            f"{e}: {n} of its {held[e]} rows, from {first}"
+            for e, n, first in per.sort("entity").iter_rows()
+        )
+        raise ShrinkingWindowError(
+            f"source {source!r} -> table {spec.name!r}: replacing [{lo}, {hi}) would delete "
+            f"stored rows that the new data does not replace ({detail}); nothing was written. "
+            "The source returned less than before (a truncated file or page, rows it no longer "
+            "serves). Fix the source, or confirm the loss with `allow_shrink: true` in the "
+            "ingest asset's config."
+        )
 
 
 def _delete_window(con: duckdb.DuckDBPyConnection, spec: TableSpec, lo, hi, entities) -> int:

@@ -4,6 +4,10 @@ coinmetrics_csv and fred_file check the file when they are built, so that a wron
 fails before any run starts, and again on each fetch, since the file may have changed or gone
 since. A fetch reads the whole file with every cell as text, so that each connector can name a
 bad cell itself rather than have polars guess a column type.
+
+`check_rows` is shared with the OHLCV file connector: a CSV reader fills the missing fields of a
+short row with nulls, so a file cut off in its last line (`2012-04-09,4.7,4`) would otherwise
+read as a row of missing values, be dropped, and quietly cost the stored bar.
 """
 
 from __future__ import annotations
@@ -15,7 +19,58 @@ from typing import Generic, TypeVar
 
 import polars as pl
 
-from warehouse.sources.base import SourceError, day_window, empty_frame, in_days
+from warehouse.sources.base import SourceError, SourceFetchError, day_window, empty_frame, in_days
+
+_SHOWN = 3  # malformed lines quoted in the message
+
+
+def check_rows(path: str | Path, source: str) -> None:
+    """Fail when a line of the CSV file at `path` has more or fewer fields than its header.
+
+    Raises SourceFetchError naming the source, the file, the (1-based) line numbers and the
+    lines, so the file can be fixed: a truncated last line, a row cut short, a stray separator.
+    Empty lines are skipped, as the reader skips them; commas inside double-quoted fields are
+    not separators. The file is read as lines in one streaming pass (~0.7 s for 230 MB).
+    """
+    line = pl.col("line")
+    unquoted = (
+        pl.when(line.str.contains('"', literal=True))
+        .then(line.str.replace_all(r'"[^"]*"', ""))
+        .otherwise(line)
+    )
+    try:
+        lines = pl.scan_csv(
+            path,
+            has_header=False,
+            separator="\x1f",  # a byte no CSV of ours holds: each line is one field
+            quote_char=None,
+            infer_schema=False,
+            new_columns=["line"],
+        ).with_row_index("number", offset=1)
+        header = lines.head(1).collect()
+        if header.is_empty():
+            return
+        fields = header["line"][0].count(",") + 1
+        bad = (
+            lines.filter(line.is_not_null())
+            .with_columns(fields=unquoted.str.count_matches(",", literal=True) + 1)
+            .filter(pl.col("fields") != fields)
+            .collect()
+        )
+    except (pl.exceptions.PolarsError, OSError) as exc:
+        raise SourceFetchError(f"{source}: cannot read {str(path)!r} as CSV: {exc}") from exc
+    if bad.height:
+        shown = "; ".join(
+            f"line {r['number']}: {r['fields']} fields, {r['line'][:80]!r}"
+            for r in bad.head(_SHOWN).iter_rows(named=True)
+        )
+        more = f" (and {bad.height - _SHOWN} more)" if bad.height > _SHOWN else ""
+        raise SourceFetchError(
+            f"{source}: {str(path)!r} has {bad.height} malformed line(s) where the header has "
+            f"{fields} fields: {shown}{more}. The file looks truncated or corrupted: fix or "
+            "remove those lines (nothing was written)"
+        )
+
 
 LayoutT = TypeVar("LayoutT")
 
@@ -71,5 +126,6 @@ class CsvFileSource(ABC, Generic[LayoutT]):
         layout = self._layout()
         if first >= stop:
             return empty_frame(self.table)
+        check_rows(self.path, self.name)
         raw = pl.read_csv(self.path, infer_schema=False)
         return self._rows(raw, layout, in_days(first, stop))

@@ -9,7 +9,9 @@ Two layouts are recognised:
   Volume` (or `Volume_(BTC)`); rows whose prices are missing are dropped.
 
 Files are scanned lazily with the window pushed down, so a multi-gigabyte minute file costs only
-the rows of the partition being ingested.
+the rows of the partition being ingested, plus one pass over its lines (check_rows): a CSV line
+with more or fewer fields than the header (a truncated last line) is an error naming the line,
+never a bar with missing prices to drop. A bar with some prices but not all is an error too.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import polars as pl
 
 from warehouse.sources.base import SourceError, SourceFetchError, register
+from warehouse.sources.csvfile import check_rows
 
 _TIMEFRAMES = {60: "1m", 3600: "1h", 86400: "1d"}
 _PRICES = ("open", "high", "low", "close")
@@ -45,6 +48,8 @@ class FileOHLCV:
         if not file.is_file():
             raise SourceError(f"OHLCV file {file} does not exist; check `ohlcv_path`")
         self._file = file
+        if file.suffix.lower() != ".parquet":
+            check_rows(file, "file")  # a cut-off line must not fail later as a bad date
         self._scan, self._layout = _open(file, self.volume_column)
         has_symbol = "symbol" in self._scan.collect_schema().names()
         self.symbols = tuple(self.symbols)
@@ -69,6 +74,8 @@ class FileOHLCV:
         return self.symbols
 
     def fetch(self, start: datetime, end: datetime) -> pl.DataFrame:
+        if self._file.suffix.lower() != ".parquet":
+            check_rows(self._file, f"file ({self._layout} layout)")
         lf = self._scan.filter((pl.col("ts") >= start) & (pl.col("ts") < end))
         if "symbol" in lf.collect_schema().names():
             lf = lf.filter(pl.col("symbol").is_in(list(self.symbols)))
@@ -83,11 +90,18 @@ class FileOHLCV:
             ) from exc
         # Missing prices (empty or NaN) are gaps in the file, as in the 1-minute CSV: never filled.
         numeric = [*_PRICES, "volume"]
-        return (
-            df.with_columns(pl.col(numeric).fill_nan(None))
-            .drop_nulls(list(_PRICES))
-            .with_columns(pl.col("volume").fill_null(0.0))
-        )
+        df = df.with_columns(pl.col(numeric).fill_nan(None))
+        missing = pl.sum_horizontal([pl.col(c).is_null() for c in _PRICES])
+        partial = df.filter((missing > 0) & (missing < len(_PRICES)))
+        if partial.height:
+            row = partial.row(0, named=True)
+            raise SourceFetchError(
+                f"file {self._file}: {partial.height} bar(s) have some prices but not all, e.g. "
+                f"{row['symbol']} at {row['ts']}: "
+                f"{ {c: row[c] for c in _PRICES} }. A bar is either complete or a gap (all four "
+                "prices empty): fix those rows (nothing was written)"
+            )
+        return df.drop_nulls(list(_PRICES)).with_columns(pl.col("volume").fill_null(0.0))
 
 
 def _open(file: Path, volume_column: str) -> tuple[pl.LazyFrame, str]:
