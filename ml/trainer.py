@@ -7,6 +7,30 @@ parameters, such as learned task weights) called as `loss_fn(outputs, targets) -
 
 Checkpoints hold everything needed to resume exactly: model, loss, optimizer, scheduler, RNG
 states, the data position and the carried recurrent state.
+
+Distributed data parallel: when a torch.distributed process group of more than one rank is
+initialized (see ml.distributed), every rank gets the same full data and trains on its own
+contiguous shard of each lane group's lanes, through DistributedDataParallel wrapping the
+model and the loss together (so the loss's own parameters are averaged too). The step is the
+single-process one, not an approximation of it:
+- the loss must expose `task_sums` and `combine` (as ml.backbone.MultiTaskLoss does). Each
+  step all-reduces every task's (summed loss, target count) and each rank back-propagates
+  combine({k: world * local_sum_k / global_count_k}); DDP averages over the ranks, so the
+  gradient is that of combine({k: global_sum_k / global_count_k}), whatever the shards' lane
+  and target counts. The logged loss is computed from the all-reduced sums.
+- chunk weights, the schedule and the step count come from the full data (same on all ranks).
+- a group with fewer lanes than ranks leaves its last ranks a "ghost" lane (lane 0, every
+  target masked): it joins the gradient all-reduce and adds exactly zero to it. A rank must
+  hold a real lane of some group: world size <= the largest group's lanes.
+- augmentation draws the noise of the whole batch on every rank (one shared generator) and
+  keeps its own lanes' rows, so augmented runs equal the single-process one too.
+- validation sums and counts are gathered and added in rank order: every rank sees the same
+  figures and stops at the same epoch.
+- only rank 0 writes checkpoints; they hold the carried state of all lanes (lanes on dim 0 of
+  every state tensor), so they resume under any world size or in one process. Resuming, rank 0
+  reads the checkpoint and broadcasts it.
+Dropout (the global RNG) is seeded seed + rank: ranks draw independent masks, so a run with
+dropout > 0 is not the single-process one draw for draw.
 """
 
 from __future__ import annotations
@@ -22,6 +46,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ml import distributed
 from ml.state import detach_state, flatten_state, unflatten_state
 
 log = logging.getLogger("mambacast.trainer")
@@ -116,6 +141,18 @@ class Sequences:
             any_valid |= valid.reshape(*valid.shape[:2], -1).any(-1)
         return int(any_valid.sum())
 
+    @property
+    def lanes(self) -> int:
+        return self.x.shape[0]
+
+    def select_lanes(self, lo: int, hi: int) -> Sequences:
+        """Lanes lo..hi-1 (views, no copy)."""
+        return Sequences(
+            self.x[lo:hi],
+            {k: v[lo:hi] for k, v in self.targets.items()},
+            None if self.loss_mask is None else self.loss_mask[lo:hi],
+        )
+
     def chunk(self, start: int, end: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         targets = {k: v[:, start:end] for k, v in self.targets.items()}
         if self.loss_mask is not None:
@@ -171,7 +208,10 @@ class Trainer:
         cfg: TrainConfig,
         checkpoint_dir: Path | None = None,
         on_step: Callable[[int], None] | None = None,
+        data_parallel: bool | None = None,
     ) -> None:
+        """data_parallel: None (default) trains with DDP across the initialized process group
+        when it has more than one rank; False trains this process alone regardless."""
         self.model, self.loss_fn, self.cfg = model, loss_fn, cfg
         self.train_data, self.val_data = _groups(train), _groups(val)
         monitorable = {"total", *(k for g in self.val_data for k in g.targets)}
@@ -212,6 +252,70 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.carried: list[Any] = [None] * len(self.train_data)
         self._epoch_losses: list[float] = []
+        self.last_loss = math.nan  # the latest step's training loss (of all ranks' lanes)
+        self.rank, self.world_size = distributed.world() if data_parallel is not False else (0, 1)
+        self.distributed = self.world_size > 1
+        self._info = log.info if self.rank == 0 else log.debug
+        self.ddp: nn.Module | None = None
+        if self.distributed:
+            self._setup_distributed()
+
+    def _setup_distributed(self) -> None:
+        """Shard the training lanes and wrap model + loss in DistributedDataParallel."""
+        if not (hasattr(self.loss_fn, "task_sums") and hasattr(self.loss_fn, "combine")):
+            raise ValueError(
+                f"distributed training needs a loss with task_sums() and combine() (such as "
+                f"ml.backbone.MultiTaskLoss) to weigh the ranks' shards exactly; "
+                f"{type(self.loss_fn).__name__} has not both. Train it in one process."
+            )
+        largest = max(seq.lanes for seq in self.train_data)
+        if largest < self.world_size:
+            raise ValueError(
+                f"the largest training lane group has {largest} lane(s), fewer than the "
+                f"{self.world_size} ranks: ranks {largest}..{self.world_size - 1} would train on "
+                f"no lane at all; start at most {largest} processes "
+                f"(torchrun --nproc-per-node {largest}) or train in one process"
+            )
+        # this rank's lanes of each group; a group with fewer lanes than ranks leaves the last
+        # ranks a "ghost": lane 0 with every target masked, run only to join the gradient
+        # all-reduce (it adds exactly zero) and carried like the real lanes
+        self.train_bounds, self.state_bounds, self.train_shards = [], [], []
+        for seq in self.train_data:
+            lo, hi = distributed.lane_bounds(
+                seq.lanes, self.rank, self.world_size, allow_empty=True
+            )
+            self.train_bounds.append((lo, hi))
+            if hi > lo:
+                self.state_bounds.append((lo, hi))
+                self.train_shards.append(seq.select_lanes(lo, hi))
+            else:
+                ghost = seq.select_lanes(0, 1)
+                ghost.loss_mask = torch.zeros(1, seq.length, dtype=torch.bool, device=seq.x.device)
+                self.state_bounds.append((0, 1))
+                self.train_shards.append(ghost)
+        import inspect
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        cuda = self.device.type == "cuda"
+        # buffers (the loss units, calibrated before training) are synced once, at wrapping
+        no_buffer_sync = (
+            {"forward_sync_buffers": False}
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else {"broadcast_buffers": False}
+        )
+        # find_unused_parameters: the heads of tasks without targets take no gradient (they
+        # stay None, so AdamW leaves them alone, as in one process)
+        self.ddp = DistributedDataParallel(
+            _Joint(self.model, self.loss_fn, self._autocast),
+            device_ids=[self.device.index] if cuda else None,
+            find_unused_parameters=True,
+            **no_buffer_sync,
+        )
+        # rank 0 decides whether checkpoints are written (and reads them to resume)
+        self._checkpointing = bool(
+            distributed.broadcast_object(self.checkpoint_dir is not None and self.rank == 0)
+        )
 
     def _lr_lambda(self, step: int) -> float:
         c = self.cfg
@@ -223,15 +327,14 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, resume: bool = True) -> TrainResult:
         """Train until `epochs` or early stopping; resumes from the latest checkpoint if any."""
-        if resume and self.checkpoint_dir and (self.checkpoint_dir / "last.pt").exists():
-            self.load_checkpoint(self.checkpoint_dir / "last.pt")
-        else:
-            torch.manual_seed(self.cfg.seed)
+        if not self._resume(resume):
+            # ranks > 0 draw their own dropout masks (rank 0 those of a single process)
+            torch.manual_seed(self.cfg.seed + self.rank)
             if hasattr(self.loss_fn, "init_log_vars"):
                 # each task's weight starts at its equilibrium 1 / (its initial loss)
                 initial = self.evaluate_tasks(self.train_data)
                 self.loss_fn.init_log_vars(initial)
-                log.info(
+                self._info(
                     "initial training losses %s",
                     ", ".join(f"{k} {v:.4g}" for k, v in initial.items() if k != "total"),
                 )
@@ -253,7 +356,7 @@ class Trainer:
             if hasattr(self.loss_fn, "weights"):
                 entry.update({f"weight_{k}": v for k, v in self.loss_fn.weights().items()})
             self.history.append(entry)
-            log.info(
+            self._info(
                 "epoch %d/%d (step %d): train loss %.5f, validation %s %.5f, lr %.2e",
                 self.epoch + 1,
                 self.cfg.epochs,
@@ -273,7 +376,7 @@ class Trainer:
             self.save_checkpoint()
             if self.bad_epochs >= self.cfg.patience:
                 stopped_early = True
-                log.info(
+                self._info(
                     "early stop: no validation %s improvement for %d epochs",
                     self.cfg.monitor,
                     self.bad_epochs,
@@ -307,14 +410,18 @@ class Trainer:
         bar = tqdm(
             total=self.steps_per_epoch,
             initial=sum(self.trains[: self.chunk]),
-            disable=not self.cfg.progress,
+            disable=not self.cfg.progress or self.rank != 0,
             desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
             leave=False,
         )
+        data = self.train_shards if self.distributed else self.train_data
         for i in range(self.chunk, len(self.schedule)):
             g, c = self.schedule[i]
-            x, targets = self.train_data[g].chunk(c * L, (c + 1) * L)
-            x = self._augment(x.to(self.device))
+            x, targets = data[g].chunk(c * L, (c + 1) * L)
+            if self.distributed:
+                x = self._augment(x.to(self.device), self.train_data[g].lanes, self.state_bounds[g])
+            else:
+                x = self._augment(x.to(self.device))
             if not self.cfg.stateful:
                 self.carried[g] = None
             if not self.trains[i]:  # nothing to score: carry the state forward, no step
@@ -324,12 +431,20 @@ class Trainer:
                 self.chunk = i + 1
                 continue
             targets = {k: v.to(self.device) for k, v in targets.items()}
-            with self._autocast():
-                outputs, state = self.model(x, self.carried[g])
-            loss, _ = self.loss_fn(outputs, targets)
-            ok = bool(torch.isfinite(loss))
+            if self.ddp is not None:
+                # the loss of every rank's lanes; every rank back-propagates (joining DDP's
+                # gradient all-reduce) and all agree on skipping a non-finite step
+                surrogate, loss, state = self.ddp(x, self.carried[g], targets)
+                ok = bool(torch.isfinite(loss))
+                (surrogate * self.chunk_weights[i]).backward()
+            else:
+                with self._autocast():
+                    outputs, state = self.model(x, self.carried[g])
+                loss, _ = self.loss_fn(outputs, targets)
+                ok = bool(torch.isfinite(loss))
+                if ok:
+                    (loss * self.chunk_weights[i]).backward()
             if ok:
-                (loss * self.chunk_weights[i]).backward()
                 # clip the model's gradients; the task log-variances (last group) have their
                 # own rate and would otherwise rescale the model's step, and vice versa
                 model_params = [
@@ -341,14 +456,16 @@ class Trainer:
                 )
             if ok:
                 self.optimizer.step()
-                self._epoch_losses.append(float(loss.detach()))
+                self.last_loss = float(loss.detach())
+                self._epoch_losses.append(self.last_loss)
                 self.carried[g] = detach_state(state)
             else:
                 # Skip the step, forget the (possibly poisoned) state, and back off the rate.
                 self.skipped += 1
                 self.lr_scale *= self.cfg.nan_lr_backoff
                 self.carried[g] = None
-                log.warning(
+                self.last_loss = math.nan
+                (log.warning if self.rank == 0 else log.debug)(
                     "non-finite loss or gradient at step %d: step skipped, lr x%.2f",
                     self.step,
                     self.cfg.nan_lr_backoff,
@@ -377,6 +494,13 @@ class Trainer:
         counts: dict[str, float] = {}
         L = self.cfg.tbptt_len
         for seq in _groups(data):
+            if self.distributed:  # this rank's lanes (maybe none); the sums are gathered below
+                lo, hi = distributed.lane_bounds(
+                    seq.lanes, self.rank, self.world_size, allow_empty=True
+                )
+                if hi == lo:
+                    continue
+                seq = seq.select_lanes(lo, hi)
             state = None
             for c in range(seq.n_chunks(L)):
                 x, targets = seq.chunk(c * L, (c + 1) * L)
@@ -389,6 +513,13 @@ class Trainer:
                     if n > 0:
                         sums[name] = sums.get(name, 0.0) + float(total)
                         counts[name] = counts.get(name, 0.0) + float(n)
+        if self.distributed:  # added in rank order: the same figures on every rank
+            gathered = distributed.all_gather_objects((sums, counts))
+            sums, counts = {}, {}
+            for rank_sums, rank_counts in gathered:
+                for name, total in rank_sums.items():
+                    sums[name] = sums.get(name, 0.0) + total
+                    counts[name] = counts.get(name, 0.0) + rank_counts[name]
         means = {k: sums[k] / counts[k] for k in sums}
         if not means:
             return {"total": math.inf, self.cfg.monitor: math.inf}
@@ -412,25 +543,36 @@ class Trainer:
         return self.evaluate_tasks(data)[self.cfg.monitor]
 
     # -- pieces -----------------------------------------------------------------------------
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+    def _augment(
+        self, x: torch.Tensor, lanes: int | None = None, bounds: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """x augmented; x may be lanes bounds[0]..bounds[1]-1 of a batch of `lanes` lanes,
+        whose draws are made whole and sliced, so a shard gets its lanes' draws of one run."""
         a = self.cfg.augment
         if not a.enabled:
             return x
         aux = getattr(self.model, "aux_channels", 0)  # trailing non-feature inputs: untouched
         if aux:
-            return torch.cat([self._augment_features(x[..., :-aux]), x[..., -aux:]], dim=-1)
-        return self._augment_features(x)
+            feats = self._augment_features(x[..., :-aux], lanes, bounds)
+            return torch.cat([feats, x[..., -aux:]], dim=-1)
+        return self._augment_features(x, lanes, bounds)
 
-    def _augment_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _augment_features(
+        self, x: torch.Tensor, lanes: int | None = None, bounds: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         a = self.cfg.augment
         g = self.generator
-        b, _, f = x.shape
+        b, t, f = x.shape
+        if bounds is None:
+            b, own = b, slice(None)
+        else:
+            b, own = lanes or b, slice(*bounds)
         if a.magnitude_warp > 0:
-            x = x * (1 + a.magnitude_warp * torch.randn(b, 1, f, generator=g)).to(x)
+            x = x * (1 + a.magnitude_warp * torch.randn(b, 1, f, generator=g)[own]).to(x)
         if a.noise_std > 0:
-            x = x + a.noise_std * torch.randn(x.shape, generator=g).to(x)
+            x = x + a.noise_std * torch.randn(b, t, f, generator=g)[own].to(x)
         if a.feature_dropout > 0:
-            keep = (torch.rand(b, 1, f, generator=g) >= a.feature_dropout).to(x)
+            keep = (torch.rand(b, 1, f, generator=g)[own] >= a.feature_dropout).to(x)
             x = x * keep
         return x
 
@@ -452,6 +594,26 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
+        """Write last.pt (rank 0 only under DDP; every rank must call it, it gathers)."""
+        extra: dict[str, Any] = {}
+        carried = self.carried
+        if self.distributed:
+            if not self._checkpointing:
+                return None
+            carried = self._gather_carried()
+            rngs = distributed.all_gather_objects(
+                (
+                    torch.get_rng_state(),
+                    torch.cuda.get_rng_state() if self.device.type == "cuda" else torch.zeros(0),
+                )
+            )
+            if self.rank != 0:
+                return None
+            extra = {
+                "world_size": self.world_size,
+                "rank_torch_rng": [r[0] for r in rngs],
+                "rank_cuda_rng": [r[1] for r in rngs],
+            }
         if not self.checkpoint_dir:
             return None
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -468,8 +630,9 @@ class Trainer:
             ),
             "floats": torch.tensor([self.best_val, self.lr_scale], dtype=torch.float64),
             "best_weights": self.best_weights or {},
-            "carried": flatten_state(self.carried),
+            "carried": flatten_state(carried),
             "history": [{k: float(v) for k, v in h.items()} for h in self.history],
+            **extra,
         }
         path = self.checkpoint_dir / "last.pt"
         tmp = path.with_suffix(".pt.tmp")
@@ -477,19 +640,52 @@ class Trainer:
         tmp.replace(path)  # a crash while saving leaves the previous checkpoint
         return path
 
+    def _resume(self, resume: bool) -> bool:
+        """Load the latest checkpoint if resuming and there is one; under DDP rank 0 decides,
+        reads it and sends it to every rank. Whether it resumed."""
+        path = self.checkpoint_dir / "last.pt" if self.checkpoint_dir else None
+        found = resume and path is not None and path.exists()
+        if not self.distributed:
+            if found:
+                self.load_checkpoint(path)
+            return found
+        ckpt = None
+        if self.rank == 0 and found:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt, where = distributed.broadcast_object((ckpt, str(path)))
+        if ckpt is None:
+            return False
+        self._restore(ckpt, Path(where))
+        return True
+
     def load_checkpoint(self, path: Path) -> None:
-        ckpt = torch.load(path, map_location=self.device, weights_only=True)
+        """Resume from checkpoint `path` (this process only: under DDP use fit(), where rank 0
+        reads it for every rank)."""
+        self._restore(torch.load(path, map_location=self.device, weights_only=True), path)
+
+    def _restore(self, ckpt: dict[str, Any], path: Path) -> None:
         self._load_weights(ckpt["weights"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        if ckpt.get("cuda_rng") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        rank_rng = ckpt.get("rank_torch_rng") or []
+        same_world = self.distributed and len(rank_rng) == self.world_size
+        if same_world:  # each rank's own dropout stream
+            torch.set_rng_state(rank_rng[self.rank])
+            cuda_rng = ckpt["rank_cuda_rng"][self.rank]
+            if cuda_rng.numel() and self.device.type == "cuda":
+                torch.cuda.set_rng_state(cuda_rng)
+        else:
+            torch.set_rng_state(ckpt["torch_rng"])
+            if ckpt.get("cuda_rng") and torch.cuda.is_available() and not self.distributed:
+                torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         self._epoch_losses = [float(v) for v in ckpt.get("epoch_losses", torch.zeros(0))]
         self.generator.set_state(ckpt["aug_rng"])
         self.epoch, self.chunk, self.step, self.skipped, self.bad_epochs = (
             int(v) for v in ckpt["position"]
         )
+        if self.distributed and self.rank > 0 and not same_world:
+            # written under another world size: this rank's dropout draws start afresh
+            torch.manual_seed(self.cfg.seed + self.rank + self.step)
         self.best_val, self.lr_scale = (float(v) for v in ckpt["floats"])
         self.best_weights = ckpt["best_weights"] or None
         self.history = [dict(h) for h in ckpt["history"]]
@@ -499,13 +695,92 @@ class Trainer:
                 f"checkpoint {path} does not hold one carried state per lane group; this run has "
                 f"{len(self.train_data)} lane groups. Delete the checkpoint to start afresh."
             )
-        log.info(
+        for g, (seq, state) in enumerate(zip(self.train_data, self.carried, strict=True)):
+            if self.distributed:  # the checkpoint holds every lane: keep this rank's
+                lo, hi = self.state_bounds[g]
+                state = _map_state(state, lambda t, lo=lo, hi=hi: t[lo:hi].to(self.device))
+            self.carried[g] = state
+            lanes = {t.shape[0] for t in _state_tensors(state) if t.dim() > 0}
+            expected = self.train_shards[g].lanes if self.distributed else seq.lanes
+            if lanes - {expected}:
+                raise ValueError(
+                    f"checkpoint {path} carries a state of {sorted(lanes)} lanes for lane group "
+                    f"{g}, which has {seq.lanes}. Delete the checkpoint to start afresh."
+                )
+        self._info(
             "resumed from %s at epoch %d, chunk %d (step %d)",
             path,
             self.epoch + 1,
             self.chunk,
             self.step,
         )
+
+    def _gather_carried(self) -> list[Any]:
+        """The carried state of every lane on rank 0 (each rank's lanes concatenated in rank
+        order on dim 0 of every tensor; plain values, such as positions, are shared)."""
+        mine = []
+        for state, (lo, hi) in zip(self.carried, self.train_bounds, strict=True):
+            flat = flatten_state(state)
+            if hi == lo:  # a ghost lane: this rank holds no lane of the group
+                flat["tensors"] = [t[:0] for t in flat["tensors"]]
+            mine.append(flat)
+        gathered = distributed.all_gather_objects(mine)
+        if self.rank != 0:
+            return []
+        full = []
+        for g in range(len(self.carried)):
+            parts = [ranks[g] for ranks in gathered]
+            if any(p["spec"] != parts[0]["spec"] for p in parts):
+                raise RuntimeError(f"ranks carry states of different structure in lane group {g}")
+            tensors = [
+                torch.cat(ts, dim=0) for ts in zip(*(p["tensors"] for p in parts), strict=True)
+            ]
+            full.append(unflatten_state({"spec": parts[0]["spec"], "tensors": tensors}))
+        return full
+
+
+class _Joint(nn.Module):
+    """Model and loss as one module for DistributedDataParallel (both own parameters).
+
+    forward -> (surrogate, loss, state): `loss` is the loss over every rank's lanes, from the
+    all-reduced task sums and counts; `surrogate` is what this rank back-propagates, so that
+    DDP's mean over ranks of its gradient is exactly the gradient of `loss`."""
+
+    def __init__(self, model: nn.Module, loss_fn: nn.Module, autocast: Callable) -> None:
+        super().__init__()
+        self.model, self.loss_fn, self.autocast = model, loss_fn, autocast
+
+    def forward(
+        self, x: torch.Tensor, state: Any, targets: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        with self.autocast():
+            outputs, state = self.model(x, state)
+        sums = self.loss_fn.task_sums(outputs, targets)  # same tasks, same order on all ranks
+        names = list(sums)
+        totals = torch.stack(
+            [torch.stack([sums[k][0].detach().double(), sums[k][1].double()]) for k in names]
+        )
+        torch.distributed.all_reduce(totals)  # (task, [sum, count]) over all ranks
+        world = torch.distributed.get_world_size()
+        glob = {k: (float(s), float(n)) for k, (s, n) in zip(names, totals.tolist(), strict=True)}
+        surrogate = self.loss_fn.combine(
+            {k: sums[k][0] * (world / glob[k][1]) for k in names if glob[k][1] > 0}
+        )
+        with torch.no_grad():
+            loss = self.loss_fn.combine({k: s / n for k, (s, n) in glob.items() if n > 0})
+        return surrogate, loss, detach_state(state)
+
+
+def _state_tensors(state: Any) -> list[torch.Tensor]:
+    return flatten_state(state)["tensors"] if state is not None else []
+
+
+def _map_state(state: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """The nested state with fn applied to every tensor."""
+    if state is None:
+        return None
+    flat = flatten_state(state)
+    return unflatten_state({"spec": flat["spec"], "tensors": [fn(t) for t in flat["tensors"]]})
 
 
 def parameter_groups(model: nn.Module, loss_fn: nn.Module, cfg: TrainConfig) -> list[dict]:

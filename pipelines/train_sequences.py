@@ -9,6 +9,14 @@ For each (fold, model) it trains every seed through the TBPTT trainer, predicts 
 validation and test rows and writes one immutable artifact `<model>/<fold>/<version>/` with the
 predictions of every seed, the weights, config and training history. Under Pipes it reports the
 materialization (versions, validation losses, parameter counts) back to Dagster.
+
+Data parallel on several GPUs (or CPU processes), one model trained by all of them:
+
+    torchrun --nproc-per-node 4 -m pipelines.train_sequences --data-dir data --folds 2024
+
+Every rank reads the fold's data and trains on its share of the lanes (see ml.distributed and
+ml.trainer); rank 0 alone predicts, writes the artifact, prints the summary and, under Pipes,
+talks to Dagster (it sends the launch's parameters to the other ranks).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Any
 import polars as pl
 import torch
 
+from ml import distributed
 from ml.forecasters import FoldData, TargetSpec, fold_data
 from ml.forecasters.neural import SEQUENCE_MODELS, SequenceForecaster, SequenceSettings
 from ml.labels import LabelConfig
@@ -62,6 +71,20 @@ def train_sequence_models(
     rows = lake.read("training_dataset")
     targets = TargetSpec.from_label_config(LabelConfig.from_dict(meta["label_config"]))
     device = s.torch_device()
+    rank, world = distributed.world()
+    if world > 1 and device.type == "cuda" and device.index is not None:
+        raise ValueError(
+            f"device {s.device!r} pins every rank to one GPU; under torchrun use --device auto "
+            f"or cuda (each rank trains on cuda:LOCAL_RANK)"
+        )
+    if rank > 0:  # a helper rank: train alongside rank 0, write nothing
+        for key in folds:
+            data = fold_data(rows, rows, known[key], meta["feature_columns"], targets)
+            for kind in models:
+                if distributed.broadcast_object(None):  # rank 0 trains it (not reused)
+                    for seed in seeds:
+                        SequenceForecaster(kind, seed, s).fit(data)
+        return {"artifacts": [], "device": str(device), "seeds": list(seeds), "rank": rank}
     summary: list[dict[str, Any]] = []
     total, done = len(folds) * len(models), 0
     for key in folds:
@@ -81,13 +104,18 @@ def train_sequence_models(
                 "precision": s.precision(),  # training, validation and prediction alike
                 "monitor": s.monitor,
             }
-            art = store.write(
-                kind,
-                key,
-                version,
-                partial(_train, kind=kind, data=data, seeds=seeds, s=s, log=log, out=metadata),
-                metadata,
-            )
+            if world > 1:
+                metadata["world_size"] = world
+            train = partial(_train, kind=kind, data=data, seeds=seeds, s=s, log=log, out=metadata)
+            started: list[bool] = []
+
+            def write(folder: Path, train=train, started=started) -> None:
+                started.append(distributed.broadcast_object(True))  # the other ranks join in
+                train(folder)
+
+            art = store.write(kind, key, version, write if world > 1 else train, metadata)
+            if world > 1 and not started:
+                distributed.broadcast_object(False)  # reused: nothing to train
             if not art.created:
                 log(f"fold {key} {kind}: {version} already exists; reused, not retrained")
             md = art.manifest["metadata"]
@@ -164,9 +192,28 @@ def main() -> None:
 
     from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
 
-    if DAGSTER_PIPES_CONTEXT_ENV_VAR in os.environ:
+    info = distributed.init_from_env()  # under torchrun: join the process group
+    try:
+        _main(info, os.environ.get(DAGSTER_PIPES_CONTEXT_ENV_VAR) is not None, open_dagster_pipes)
+    finally:
+        distributed.shutdown()
+
+
+def _main(info: distributed.DistInfo, piped: bool, open_dagster_pipes: Callable) -> None:
+    if piped and not info.is_main:  # rank 0 speaks to Dagster and sends the parameters
+        extras = distributed.broadcast_object(None)
+        train_sequence_models(
+            extras.pop("data_dir"),
+            extras.pop("folds"),
+            extras.pop("models"),
+            extras.pop("seeds"),
+            extras,
+            log=lambda _: None,
+        )
+        return
+    if piped:
         with open_dagster_pipes() as pipes:
-            extras = dict(pipes.extras)
+            extras = distributed.broadcast_object(dict(pipes.extras))
             md = train_sequence_models(
                 extras.pop("data_dir"),
                 extras.pop("folds"),
@@ -193,11 +240,17 @@ def main() -> None:
     for key, value in asdict(SequenceSettings()).items():
         ap.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
     args = vars(ap.parse_args())
-    logging.basicConfig(level=logging.INFO)
+    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING)
     out = train_sequence_models(
-        args.pop("data_dir"), args.pop("folds"), args.pop("models"), args.pop("seeds"), args
+        args.pop("data_dir"),
+        args.pop("folds"),
+        args.pop("models"),
+        args.pop("seeds"),
+        args,
+        log=print if info.is_main else lambda _: None,
     )
-    print(json.dumps(out, indent=2, default=str))
+    if info.is_main:
+        print(json.dumps(out, indent=2, default=str))
 
 
 if __name__ == "__main__":
