@@ -10,7 +10,6 @@ the assets that run them, so loading the definitions stays fast.
 """
 
 import json
-import sys
 from typing import TYPE_CHECKING
 
 import dagster as dg
@@ -23,6 +22,7 @@ from assets.resources import DUCKDB_POOL, WarehouseResource
 from ml.labels import LabelConfig
 from ml.sequence_names import MAMBA2, SEQUENCE_BASELINE_NAMES
 from ml.walkforward import Fold, WalkForwardConfig, assign_fold, walk_forward_folds
+from pipelines.launchers import TrainingLauncher
 from warehouse.artifacts import ArtifactError, content_version, frame_fingerprint
 
 if TYPE_CHECKING:
@@ -230,7 +230,7 @@ def _run_sequences(
     context: dg.AssetExecutionContext,
     config: SequenceModelSettings,
     warehouse: WarehouseResource,
-    client: dg.PipesSubprocessClient,
+    launcher: TrainingLauncher,
     models: list[str],
 ) -> dg.MaterializeResult:
     from ml.backbone import PRESETS
@@ -248,10 +248,10 @@ def _run_sequences(
     meta = warehouse.lake().read_meta("training_dataset")  # a clear message before launching
     for key in context.partition_keys:
         _fold(meta, key)
-    return client.run(
-        command=[sys.executable, "-m", "pipelines.train_sequences"],
-        context=context,
-        extras={
+    # a subprocess beside this step, or a Kubernetes pod (pipelines/launchers.py)
+    return launcher.launch(
+        context,
+        {
             "data_dir": str(warehouse.paths.root),
             "folds": list(context.partition_keys),
             "models": models,
@@ -275,9 +275,9 @@ def mamba_model(
     context: dg.AssetExecutionContext,
     config: SequenceModelSettings,
     warehouse: WarehouseResource,
-    pipes_subprocess_client: dg.PipesSubprocessClient,
+    training_launcher: TrainingLauncher,
 ) -> dg.MaterializeResult:
-    return _run_sequences(context, config, warehouse, pipes_subprocess_client, [MAMBA2])
+    return _run_sequences(context, config, warehouse, training_launcher, [MAMBA2])
 
 
 @dg.asset(
@@ -295,9 +295,9 @@ def sequence_baselines(
     context: dg.AssetExecutionContext,
     config: SequenceModelSettings,
     warehouse: WarehouseResource,
-    pipes_subprocess_client: dg.PipesSubprocessClient,
+    training_launcher: TrainingLauncher,
 ) -> dg.MaterializeResult:
-    return _run_sequences(context, config, warehouse, pipes_subprocess_client, SEQUENCE_BASELINES)
+    return _run_sequences(context, config, warehouse, training_launcher, SEQUENCE_BASELINES)
 
 
 def _past_predictions(store, meta: dict, fold: Fold) -> list:

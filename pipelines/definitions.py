@@ -25,7 +25,7 @@ from assets.training import (
     training_dataset,
 )
 from pipelines.alerts import AlertsResource, run_failure_alert
-from pipelines.pipes import WholeLineTempFileMessageReader
+from pipelines.launchers import TrainingLauncher
 from warehouse.paths import DEFAULT_DATA_DIR
 
 ALL_ASSETS = [
@@ -167,11 +167,10 @@ def default_resources(data_dir: str | None = None) -> dict[str, dg.ConfigurableR
     root = data_dir or os.environ.get("MAMBACAST_DATA_DIR") or DEFAULT_DATA_DIR
     return {
         "warehouse": WarehouseResource(data_dir=str(Path(root).expanduser().resolve())),
+        # Where mamba_model and sequence_baselines train: a Pipes subprocess beside the step by
+        # default, a Kubernetes pod with `kind: k8s` (deploy/k8s/pipes_training.yaml)
+        "training_launcher": TrainingLauncher(),
         # The key is passed as an EnvVar reference, so the UI shows the name, never the value.
-        # Dagster's file reader can parse a message line the training process is still writing
-        "pipes_subprocess_client": dg.PipesSubprocessClient(
-            message_reader=WholeLineTempFileMessageReader()
-        ),
         "sources": MarketSourcesResource(
             fred_api_key=dg.EnvVar("FRED_API_KEY") if os.environ.get("FRED_API_KEY") else None
         ),

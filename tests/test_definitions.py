@@ -112,7 +112,7 @@ def test_jobs_schedules_and_resources():
     assert daily_refresh_schedule.job_name == "daily_refresh_job"
     assert daily_refresh_schedule.cron_schedule == "0 1 * * *"
     assert weekly_retrain_schedule.job_name == "retrain_job"
-    assert set(defs.resources) == {"warehouse", "sources", "pipes_subprocess_client", "alerts"}
+    assert set(defs.resources) == {"warehouse", "sources", "training_launcher", "alerts"}
     assert {s.name for s in defs.sensors} == {"run_failure_alert"}
 
 

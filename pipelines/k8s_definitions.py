@@ -1,0 +1,64 @@
+"""The Kubernetes code location: the project's Definitions (pipelines/definitions.py: the same
+assets, checks, jobs, schedules, sensor and resources) with every step of a run in a Kubernetes
+Job of its own (dagster-k8s `k8s_job_executor`).
+
+    dagster api grpc -m pipelines.k8s_definitions ...   # the code server in the cluster
+
+The executor takes `k8s_job_executor`'s run config (deploy/k8s/executor.yaml) plus the
+`in_process` switch of the local executor: the refresh schedule's runs (a handful of small
+steps) ask for it and then run in the run worker's pod, one step after another, instead of a
+pod per step. dagster-k8s is imported here only: pipelines.definitions stays free of it.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+from dagster._config import process_config
+from dagster._core.definitions.executor_definition import multiple_process_executor_requirements
+from dagster_k8s import k8s_job_executor
+
+from pipelines import definitions as local
+
+# k8s_job_executor's own fields, unchanged, and the local executor's switch beside them
+K8S_FIELDS = dict(k8s_job_executor.config_schema.config_type.fields)
+
+
+@dg.executor(
+    name="mambacast_k8s_executor",
+    config_schema={
+        **K8S_FIELDS,
+        "in_process": dg.Field(
+            bool,
+            default_value=False,
+            description="Run every step in the run worker's pod, one after another (the refresh "
+            "schedule's runs), instead of a Kubernetes Job per step",
+        ),
+    },
+    requirements=multiple_process_executor_requirements(),
+)
+def mambacast_k8s_executor(init_context: dg.InitExecutorContext):
+    """A Kubernetes Job per step (k8s_job_executor), or every step in the run's process."""
+    config = dict(init_context.executor_config)
+    if config.pop("in_process"):
+        in_process = process_config(
+            dg.in_process_executor.config_schema.config_type, {"retries": config["retries"]}
+        )
+        if not in_process.success:
+            raise dg.DagsterInvalidConfigError(
+                "in_process executor config", in_process.errors, config
+            )
+        return dg.in_process_executor.executor_creation_fn(
+            init_context._replace(executor_config=in_process.value)
+        )
+    return k8s_job_executor.executor_creation_fn(init_context._replace(executor_config=config))
+
+
+defs = dg.Definitions(
+    assets=local.ALL_ASSETS,
+    asset_checks=local.defs.asset_checks,
+    jobs=local.defs.jobs,
+    schedules=local.defs.schedules,
+    sensors=local.defs.sensors,
+    resources=local.default_resources(),
+    executor=mambacast_k8s_executor,
+)
