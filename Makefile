@@ -65,9 +65,14 @@ evaluate: setup
 test: setup
 	$(BIN)/python -m pytest -n 2
 
-## ui: the Dagster UI (and daemon, for schedules) on http://127.0.0.1:$(PORT)
+## ui: the Dagster UI (and daemon, for schedules) on http://127.0.0.1:$(PORT). It has no login and
+## can launch runs, so it listens on this machine only unless UI_HOST says otherwise (opt-in:
+## `UI_HOST=0.0.0.0 make ui` serves the network; put a firewall or an authenticating proxy in
+## front). UI_HOST, not HOST: shells and containers often export HOST as the machine's name.
+ui: UI_HOST ?= 127.0.0.1
 ui: setup instance
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)
+	$(if $(filter-out 127.0.0.1 localhost ::1,$(UI_HOST)),@echo "WARNING: the Dagster UI has no login and listens on $(UI_HOST) port $(PORT): other machines can reach it" >&2)
+	$(BIN)/dagster dev -w workspace.yaml -h $(UI_HOST) -p $(PORT)
 
 lint: setup
 	$(BIN)/ruff check .

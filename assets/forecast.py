@@ -99,13 +99,14 @@ def latest_forecast(
     targets = TargetSpec.from_label_config(LabelConfig.from_dict(meta["label_config"]))
     _check_heads(seeds[0], targets, art.version)
     lanes = seeds[0].lanes(live_fold_data(rows, fold, needed, targets))
-    state_dir = warehouse.paths.forecast_state / config.model
-    state_path = state_dir / f"{art.version}.pt"
+    state_path = warehouse.paths.forecast_state_file(config.model, art.version)
+    state_dir = state_path.parent
     newest = rows["ts"].max()
     fresh_from = max(fold.val_end, newest - timedelta(days=config.backfill_days))
     result = carry_forward(seeds, lanes.groups, targets, load_state(state_path), fresh_from)
     written = _store(wh, result.forecasts, art, fold, targets)
-    save_state(state_path, result.state)  # after the rows: a lost state only costs a replay
+    # after the rows: a lost state only costs a replay
+    save_state(state_path, result.state, root=warehouse.paths.forecast_state)
     for old in state_dir.glob("*"):  # other model versions' states, stray temporary files
         if old != state_path:
             old.unlink(missing_ok=True)

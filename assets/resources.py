@@ -9,7 +9,7 @@ from pydantic import Field
 
 from warehouse import ArtifactStore, DataPaths, Lake, Warehouse
 from warehouse.sources import Source, make_source
-from warehouse.sources.base import accepted_options
+from warehouse.sources.base import accepted_options, check_safe_entities
 from warehouse.sources.synthetic import MACRO_SERIES, ONCHAIN_ASSETS, SYMBOLS
 
 # DuckDB allows one writer process at a time: every asset that writes warehouse.duckdb (the
@@ -65,7 +65,14 @@ class MarketSourcesResource(dg.ConfigurableResource):
     macro_source: str = Field(default="synthetic", description="synthetic | fred | fred_file")
     macro_series: list[str] = Field(default_factory=lambda: list(MACRO_SERIES))
     fred_mode: str = Field(default="auto", description="fred: auto | api | csv (keyless)")
-    fred_api_key: str | None = Field(default=None, description="Set from EnvVar FRED_API_KEY")
+    fred_api_key: str | None = Field(
+        default=None,
+        description="Set from EnvVar FRED_API_KEY only (the UI and the run's records then show "
+        "the variable's name, never the key)",
+    )
+    fred_api_root: str = Field(
+        default="", description="fred: the API's root URL; empty: FRED's (a local server in tests)"
+    )
     macro_path: str = Field(default="", description="CSV for macro_source=fred_file")
     seed: int = Field(default=42, ge=0, description="Seed of the synthetic market")
     synthetic_planted_signal: float = Field(
@@ -130,12 +137,17 @@ class MarketSourcesResource(dg.ConfigurableResource):
                     "planted": self.synthetic_planted_signal,
                     "mode": self.fred_mode,
                     "api_key": self.fred_api_key,
+                    "api_root": self.fred_api_root,
                     "path": self.macro_path,
                 },
             ),
         }[table]
         options = {k: v for k, v in options.items() if v != ""}  # unset: the source's default
-        return make_source(table, name, **accepted_options(table, name, options))
+        source = make_source(table, name, **accepted_options(table, name, options))
+        # The names every row is stored under (file connectors read theirs from the file):
+        # safe as DuckDB values and lake partition folders, whatever the connector checked.
+        check_safe_entities(source.entities, source=name, what=f"{table} entities")
+        return source
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # Fail at the start of the run, before any step writes, if the configuration is invalid.

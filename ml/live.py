@@ -279,8 +279,21 @@ def load_state(path: Path) -> dict[str, Any] | None:
     return saved if isinstance(saved, dict) and saved.get("format") == STATE_FORMAT else None
 
 
-def save_state(path: Path, state: dict[str, Any]) -> None:
-    """Write the checkpoints atomically: a temporary file in the same folder, then a rename."""
+def save_state(path: Path, state: dict[str, Any], root: Path | None = None) -> None:
+    """Write the checkpoints atomically: a temporary file in the same folder, then a rename.
+
+    The path is built from configuration (the model name) and an artifact version: a path
+    with a `..` part, or one that resolves outside `root` (the forecast-state folder) when it
+    is given, raises ValueError before anything is created."""
+    path = Path(path)
+    if ".." in path.parts or (
+        root is not None and not path.resolve().is_relative_to(Path(root).resolve())
+    ):
+        raise ValueError(
+            f"Refusing to write a forecast state at {str(path)!r}: it lies outside "
+            f"{root if root is not None else 'its folder'}. Use a model name of letters, "
+            "digits, . _ - (no '/', '..' or absolute path)."
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -154,7 +154,7 @@ def ranks(tmp_path_factory):
     """Both ranks' results (runs in two spawned processes), and their output folder."""
     out = tmp_path_factory.mktemp("distributed")
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)], out
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)], out
 
 
 @pytest.fixture(scope="module")

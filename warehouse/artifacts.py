@@ -14,6 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from warehouse.paths import check_inside
+
 _SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
 MANIFEST = "manifest.json"
 
@@ -66,10 +68,12 @@ class ArtifactStore:
 
     def _dir(self, kind: str, partition: str, version: str | None = None) -> Path:
         for label, seg in (("kind", kind), ("partition", partition), ("version", version or "x")):
-            if not _SEGMENT.match(seg):
+            if not _SEGMENT.match(seg) or seg in (".", ".."):
                 raise ArtifactError(f"Invalid artifact {label} {seg!r}: use letters, digits, . _ -")
         base = self.root / kind / partition
-        return base / version if version else base
+        path = base / version if version else base
+        check_inside(self.root, path, f"artifact {kind}/{partition}/{version or ''}")
+        return path
 
     def write(
         self,

@@ -24,6 +24,8 @@ from typing import BinaryIO
 
 import polars as pl
 
+from warehouse.paths import check_inside
+
 _NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 _VALUE = re.compile(r"^[A-Za-z0-9._^-]+$")
 
@@ -129,12 +131,14 @@ class Lake:
         if bad:
             raise LakeError(f"{entity_column} values {bad} cannot be hive partition values")
         target = self.version_dir(name, version)
+        check_inside(self.root, target, f"lake table {name!r}")
         with_year = df.with_columns(pl.col(time_column).dt.year().alias("year"))
         written: list[Path] = []
         for (entity, year), part in with_year.group_by(
             [entity_column, "year"], maintain_order=True
         ):
             path = target / f"{entity_column}={entity}" / f"year={year}" / "part-0.parquet"
+            check_inside(self.root, path, f"lake partition {entity_column}={entity}")
             write_parquet_atomic(part.drop([entity_column, "year"]).sort(time_column), path)
             written.append(path)
         keep = {p.resolve() for p in written}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from collections.abc import Callable, Collection, Iterable
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
@@ -53,6 +54,42 @@ def in_days(first: date, stop: date, col: str = "date") -> pl.Expr:
     return (pl.col(col) >= first) & (pl.col(col) < stop)
 
 
+# What any symbol / asset / series id may look like, whatever the connector: letters, digits and
+# `. _ ^ = -` (BTC-USD, ^GSPC, EURUSD=X, BRK.B), `/` and `:` between parts (ccxt's BTC/USDT:USDT),
+# starting with a letter, a digit or `^`, at most 64 characters, and no `..`, `//`, `/.` or a
+# trailing `/`. Names become DuckDB values, Parquet partition folders (`symbol=<name>`) and URL
+# parameters: nothing in them can climb out of a folder (`../x`, `a/../../b`), name an absolute
+# path (`/tmp/x`), or carry a quote, a space, a NUL or a control character.
+SAFE_ENTITY = re.compile(r"[A-Za-z0-9^][A-Za-z0-9._^=:/-]{0,63}")
+SAFE_ENTITY_RULE = (
+    "letters, digits and . _ ^ = - (and / : between the parts of an exchange pair such as "
+    "BTC/USDT), starting with a letter, a digit or ^, at most 64 characters, without '..'"
+)
+
+
+def is_safe_entity(name: object) -> bool:
+    """Whether `name` can be stored and used in paths and requests as it is (SAFE_ENTITY)."""
+    return (
+        isinstance(name, str)
+        and SAFE_ENTITY.fullmatch(name) is not None
+        and ".." not in name
+        and "//" not in name
+        and "/." not in name
+        and not name.endswith("/")
+    )
+
+
+def check_safe_entities(names: Iterable[Any], *, source: str, what: str = "symbols") -> None:
+    """Raise SourceError naming every entry of `names` that is not a safe entity name."""
+    unsafe = [n for n in names if not is_safe_entity(n)]
+    if unsafe:
+        raise SourceError(
+            f"Unsafe {what} {unsafe} for source {source!r}: a name may only hold "
+            f"{SAFE_ENTITY_RULE}, so that it cannot become a path outside the data directory "
+            f"or break a query. Fix the {what} option (e.g. 'BTC-USD', '^GSPC', 'BTC/USDT')."
+        )
+
+
 def check_entities(
     given: str | Iterable[Any],
     *,
@@ -70,6 +107,8 @@ def check_entities(
     as one entity. Raises SourceError when the list is empty (`hint` says what to pass), when
     entries fail `valid` (`invalid` words the message from those entries, as given), or when
     two entries are the same once `normalize`d (e.g. upper-cased; the result is normalized).
+    Entries the connector accepts must also be safe names (`check_safe_entities`), whatever
+    `valid` says: no path separators that climb out (`../x`), absolute paths, quotes or NULs.
     """
     names = (given,) if isinstance(given, str) else tuple(given)
     if not names:
@@ -77,6 +116,7 @@ def check_entities(
     bad = [n for n in names if not valid(n)]
     if bad:
         raise SourceError(invalid(bad))
+    check_safe_entities(names, source=source, what=what)
     out = tuple(normalize(n) for n in names) if normalize else names
     if len(set(out)) != len(out):
         raise SourceError(f"Duplicate {what} in {list(names)} for source {source!r}")
