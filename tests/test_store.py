@@ -8,8 +8,8 @@ import pytest
 
 from warehouse import DataPaths, Warehouse
 from warehouse.schema import SchemaError
-from warehouse.store import ShrinkingWindowError
 from warehouse.sources import make_source
+from warehouse.store import ShrinkingWindowError
 
 JAN, FEB, MAR = datetime(2021, 1, 1), datetime(2021, 2, 1), datetime(2021, 3, 1)
 
