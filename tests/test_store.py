@@ -215,7 +215,9 @@ def test_a_replace_that_shrinks_the_window_fails_and_keeps_the_rows(warehouse):
     warehouse.replace_window("ohlcv", jan, JAN, FEB, src.entities)
     before = warehouse.read("ohlcv")
     short = jan.filter(~((pl.col("symbol") == "BTC-USD") & (pl.col("ts") == datetime(2021, 1, 9))))
-    with pytest.raises(ShrinkingWindowError, match=r"BTC-USD: 1 of its 31 rows, from 2021-01-09") as err:
+    with pytest.raises(
+        ShrinkingWindowError, match=r"BTC-USD: 1 of its 31 rows, from 2021-01-09"
+    ) as err:
         warehouse.replace_window("ohlcv", short, JAN, FEB, src.entities, "file")
     assert "allow_shrink" in str(err.value) and "nothing was written" in str(err.value)
     assert warehouse.read("ohlcv").equals(before)
