@@ -12,16 +12,26 @@ the newest stored bar, so a refresh fetches and writes only the new days, howeve
 missed.
 """
 
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 import dagster as dg
+import polars as pl
 from pydantic import Field
 
 from assets.metadata import report_metadata, table_md
 from assets.partitions import SINGLE_RUN, ingest_partitions
 from assets.resources import DUCKDB_POOL, MarketSourcesResource, WarehouseResource
 from warehouse import Warehouse
-from warehouse.quality import QualityReport, RuleConfig, validate_window
+from warehouse.quality import (
+    FRESHNESS_RULE,
+    QualityReport,
+    RuleConfig,
+    added_failures,
+    check_bars,
+    frame_reader,
+    validate_window,
+)
 from warehouse.schema import ohlcv_table
 from warehouse.store import Reader, ShrinkingWindowError
 
@@ -58,11 +68,19 @@ RULES = RuleConfig()
 
 
 class AuditFailure(Exception):
-    """The staged write fails its table's blocking quality suite; it is rolled back."""
+    """The staged write adds failures to its table's blocking quality suite; it is rolled back.
 
-    def __init__(self, report: QualityReport) -> None:
-        super().__init__(report.summary())
+    `report` is the suite on the staged state, `failures` what the write added to it."""
+
+    def __init__(self, report: QualityReport, failures: list) -> None:
         self.report = report
+        self.failures = failures
+        # the staged state's outcomes less the failures the table already had, plus the
+        # intraday bars' rule when it failed: what the write is judged on
+        kept = [o for o in report.outcomes if o.success or any(o is f for f in failures)]
+        extra = [f for f in failures if not any(f is o for o in report.outcomes)]
+        self.added = QualityReport(report.table, report.rows, report.entities, kept + extra)
+        super().__init__(self.added.summary())
 
 
 # how far past the newest stored row the next fetch starts: one bar
@@ -81,18 +99,39 @@ def publish(
     log=None,
 ) -> list:
     """Write-audit-publish `rows` (fetched from `source` for `window`) into `table`: stage the
-    replace in one transaction, audit the staged table over the `checked` window with its
-    blocking suite, and commit only if it passes. Raises AuditFailure (the report inside) or
-    ShrinkingWindowError, the warehouse unchanged; returns the WriteResults otherwise."""
+    replace in one transaction, audit it, and commit only if the audit passes.
+
+    The audit runs the table's blocking suite (what its check reads after the write: the daily
+    table for bars, over the `checked` window) on the staged state and fails on the failures
+    the write adds: ones the stored state did not have (read in the same transaction before the
+    delete), so an old gap or an entity no longer configured does not block a good write, and
+    not freshness, which the check judges after the write. For 1h and 1m bars the written rows
+    of their own table must also be consistent bars. Raises AuditFailure or
+    ShrinkingWindowError, the warehouse unchanged; returns the WriteResults otherwise.
+    """
+    lookback = checked[0] - timedelta(days=RULES.lookback_days)
+    stored: dict[str, pl.DataFrame] = {}
+
+    def baseline(read: Reader) -> None:
+        stored["rows"] = read(table, lookback, checked[1])  # judged only if the audit fails
 
     def audit(read: Reader) -> None:
         report = validate_window(table, read, *checked, RULES)
-        if not report.success:
-            raise AuditFailure(report)
+        failures = [f for f in report.failures if f.expectation != FRESHNESS_RULE]
+        if failures:
+            before = validate_window(table, frame_reader(stored["rows"]), *checked, RULES)
+            failures = added_failures(replace(report, outcomes=failures), before)
+        if timeframe != "1d":
+            fine = ohlcv_table(timeframe)
+            bars = check_bars(fine, read(fine, *window).filter(pl.col("symbol").is_in(entities)))
+            failures += [] if bars.success else [bars]
+        if failures:
+            raise AuditFailure(report, failures)
         if log is not None:
             log(f"Audit of the staged write passed: {report.summary()}")
 
-    write = {"allow_shrink": allow_shrink, "audit": audit}
+    entities = list(source.entities)
+    write = {"allow_shrink": allow_shrink, "audit": audit, "baseline": baseline}
     start, end = window
     if table == "ohlcv":
         return store.replace_bars(
@@ -186,7 +225,7 @@ def ingest_window(
             context.log.info,
         )
     except AuditFailure as failed:
-        report, window = failed.report, f"[{checked[0]:%Y-%m-%d}, {checked[1]:%Y-%m-%d})"
+        added, window = failed.added, f"[{checked[0]:%Y-%m-%d}, {checked[1]:%Y-%m-%d})"
         # the verdict is the table's blocking check's own, recorded under its name, so the UI
         # shows the failed evaluation where it shows every other one
         context.log_event(
@@ -195,15 +234,15 @@ def ingest_window(
                 check_name=f"{table}_quality",
                 passed=False,
                 severity=dg.AssetCheckSeverity.ERROR,
-                description=f"Audit of the staged write (rolled back): {report.summary()}"[:2000],
-                metadata=report_metadata(report, window),
+                description=f"Audit of the staged write (rolled back): {added.summary()}"[:2000],
+                metadata=report_metadata(added, window),
             )
         )
         raise dg.Failure(
-            description=f"The fetched rows fail the blocking check {table}_quality on "
-            f"{window} ({report.summary()}); nothing was written: the stored rows are as they "
-            "were. Fix the source (or its file) and re-run.",
-            metadata=report_metadata(report, window),
+            description=f"The fetched rows would add failures to the blocking check "
+            f"{table}_quality on {window} ({added.summary()}); nothing was written: the stored "
+            "rows are as they were. Fix the source (or its file) and re-run.",
+            metadata=report_metadata(added, window),
         ) from None
     except ShrinkingWindowError as exc:
         raise dg.Failure(description=str(exc)) from None

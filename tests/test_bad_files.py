@@ -8,18 +8,27 @@ table's blocking suite before it is published, and a write that leaves fewer row
 warehouse held fails unless confirmed (`allow_shrink`).
 """
 
+import json
+import subprocess
 from datetime import date, datetime, timedelta
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
 
-from assets.ingest import ohlcv_bars
+from assets.ingest import AuditFailure, ohlcv_bars, publish
 from assets.quality import QUALITY_CHECKS
 from assets.resources import MarketSourcesResource
 from pipelines.definitions import default_resources
+from tests.processes import BIN, ROOT, instance_env
 from warehouse import DataPaths, Warehouse
+from warehouse.quality import FRESHNESS_RULE, validate_window
+from warehouse.sources import make_source
+from warehouse.sources.base import SourceFetchError
+from warehouse.sources.csvfile import check_rows
+from warehouse.store import ShrinkingWindowError
 
 FIRST = date(2012, 1, 1)
 LAST = date(2012, 4, 9)  # the 100th day
@@ -172,3 +181,149 @@ def test_a_good_re_ingest_of_the_same_file_passes_and_changes_nothing(stored):
     )
     assert result.success and store.count("ohlcv") == 101
     assert pl.Series(store.read("ohlcv")["ts"]).max() == datetime(2012, 4, 10)
+
+
+# --- the write-audit-publish rules, through `publish` (what the asset calls) ------------------
+
+
+def _publish(store, table, source, start, end, rows=None, **kw):
+    rows = source.fetch(start, end) if rows is None else rows
+    tf = getattr(source, "timeframe", "1d")
+    return publish(store, table, tf, rows, (start, end), source, (start, end), **kw)
+
+
+def test_a_bad_hourly_bar_is_rolled_back_though_its_daily_bar_looks_fine(warehouse):
+    hourly = make_source("ohlcv", "synthetic", timeframe="1h", symbols=["BTC-USD"])
+    start, end = datetime(2021, 1, 1), datetime(2021, 1, 5)
+    _publish(warehouse, "ohlcv", hourly, start, end)
+    before = {t: warehouse.read(t) for t in ("ohlcv", "ohlcv_1h")}
+    rows = hourly.fetch(start, end)
+    bad = pl.col("ts") == datetime(2021, 1, 2, 5)
+    rows = rows.with_columns(high=pl.when(bad).then(pl.col("low") * 0.9).otherwise(pl.col("high")))
+    with pytest.raises(AuditFailure, match="consistent_bars") as err:
+        _publish(warehouse, "ohlcv", hourly, start, end, rows)
+    assert err.value.report.success  # the daily table alone would have passed
+    assert all(warehouse.read(t).equals(df) for t, df in before.items())
+
+
+def test_an_old_gap_or_an_entity_no_longer_configured_does_not_block_a_good_write(warehouse):
+    src = make_source("ohlcv", "synthetic", symbols=["BTC-USD", "ACME"])
+    start, end = datetime(2021, 1, 1), datetime(2021, 2, 1)
+    rows = src.fetch(start, end)
+    holed = rows.filter(~((pl.col("symbol") == "BTC-USD") & (pl.col("ts") == datetime(2021, 1, 9))))
+    warehouse.replace_window("ohlcv", holed, start, end, src.entities, "past")  # an old outage
+    # the refresh rewrites the last days of BTC only (ACME left out of the config)
+    btc = make_source("ohlcv", "synthetic", symbols=["BTC-USD"])
+    tail = datetime(2021, 1, 28)
+    _publish(warehouse, "ohlcv", btc, tail, end)  # the old gap is there before and after: passes
+    # but a write that adds a gap is refused, naming it
+    cut = btc.fetch(tail, end).filter(pl.col("ts") != datetime(2021, 1, 30))
+    with pytest.raises((AuditFailure, ShrinkingWindowError)):
+        _publish(warehouse, "ohlcv", btc, tail, end, cut)
+    fresh = btc.fetch(start, end)  # the whole window again, the hole filled: passes
+    _publish(warehouse, "ohlcv", btc, start, end, fresh)
+    assert warehouse.read("ohlcv", start, end, ["BTC-USD"]).height == 31
+
+
+def test_a_stale_history_lands_and_only_the_check_judges_its_freshness(warehouse):
+    src = make_source("ohlcv", "synthetic", symbols=["BTC-USD"])
+    start, end = datetime(2012, 1, 1), datetime(2013, 1, 1)
+    rows = src.fetch(start, datetime(2012, 4, 10))  # a file ending in April, no `until`
+    _publish(warehouse, "ohlcv", src, start, end, rows)
+    report = validate_window("ohlcv", warehouse.read, start, end)
+    assert [f.expectation for f in report.failures] == [FRESHNESS_RULE]
+    assert warehouse.count("ohlcv") == rows.height
+
+
+def test_a_file_cut_inside_its_last_value_is_an_error(stored):
+    root, path, lines, store, before = stored
+    _write(path, [*lines[:-1], lines[-1][:-2]], newline_at_end=False)  # volume 100 -> 1
+    message = _failure(_ingest(root, path))
+    assert "does not end with a line break" in message and "line 101" in message
+    assert store.read("ohlcv").equals(before)
+
+
+@pytest.mark.parametrize(
+    ("kind", "fixture", "options"),
+    [
+        ("onchain", "coinmetrics/shared_like_current.csv", {"assets": ("BTC",)}),
+        ("macro", "fred/macro_wide.csv", {"series": ("DGS10", "DGS2")}),
+    ],
+)
+def test_a_truncated_file_of_the_other_csv_connectors_names_the_line(
+    tmp_path, kind, fixture, options
+):
+    good = (Path(__file__).parent / "fixtures" / fixture).read_text().splitlines()
+    path = tmp_path / Path(fixture).name
+    path.write_text("\n".join([*good, good[-1][: len(good[-1]) // 2]]))
+    name = "coinmetrics_csv" if kind == "onchain" else "fred_file"
+    with pytest.raises(SourceFetchError, match=rf"line {len(good) + 1}: \d+ fields"):
+        make_source(kind, name, path=str(path), **options).fetch(
+            datetime(2023, 12, 1), datetime(2024, 2, 1)
+        )
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [
+        ("date,open\r\n2012-01-01,1\r\n", True),  # CRLF
+        ("\ufeffdate,open\n2012-01-01,1\n", True),  # a byte-order mark
+        ("\ndate,open\n2012-01-01,1\n\n\n", True),  # blank lines before and after
+        ("date,open,\n2012-01-01,1\n2012-01-02,2,\n", True),  # an unnamed last column
+        ('date,open\n"2012-01-01","1,5"\n', True),  # a quoted separator
+        ("date,open\n2012-01-01,1,\n", False),  # a stray separator
+        ("date,open\n2012-01-01,1\n2012-01-02,2", False),  # no final line break
+    ],
+)
+def test_check_rows_on_the_layouts_csv_readers_accept(tmp_path, text, ok):
+    path = tmp_path / "f.csv"
+    path.write_text(text)
+    if ok:
+        check_rows(path, "file")
+    else:
+        with pytest.raises(SourceFetchError, match="line 2|line 3"):
+            check_rows(path, "file")
+
+
+@pytest.mark.slow
+def test_a_truncated_file_fails_the_cli_as_a_new_user_runs_it(tmp_path):
+    """`dagster asset materialize` on the truncated file: a non-zero exit naming the file and
+    the line, and the 100 bars of the first ingest still stored."""
+    env = instance_env(tmp_path)
+    path = tmp_path / "btc_daily.csv"
+    lines = _good_lines()
+
+    def ingest() -> subprocess.CompletedProcess:
+        config = {
+            "resources": {
+                "sources": {
+                    "config": {
+                        "ohlcv_source": "file",
+                        "ohlcv_path": str(path),
+                        "symbols": ["BTC-USD"],
+                        "until": f"{LAST + timedelta(days=1)}",
+                    }
+                }
+            }
+        }
+        cmd = [str(BIN / "dagster"), "asset", "materialize", "-m", "pipelines.definitions"]
+        cmd += ["--select", "ohlcv_bars", "--partition", "2012", "--config-json"]
+        return subprocess.run(
+            [*cmd, json.dumps(config)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    _write(path, lines)
+    first = ingest()
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    _write(path, [*lines[:-1], "2012-04-09,4.7,4"], newline_at_end=False)
+    second = ingest()
+    out = second.stdout + second.stderr
+    assert second.returncode != 0
+    assert str(path) in out and "line 101: 3 fields, '2012-04-09,4.7,4'" in out, out[-4000:]
+    store = Warehouse(DataPaths.at(tmp_path / "data"))
+    assert store.count("ohlcv") == 100 and store.read("ohlcv")["ts"].max() == datetime(2012, 4, 9)

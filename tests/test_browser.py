@@ -148,7 +148,7 @@ def demo(tmp_path_factory) -> Demo:
     proc = _run(planted, env, timeout=300)
     assert (
         proc.returncode != 0
-        and "fail the blocking check ohlcv_quality" in proc.stdout + proc.stderr
+        and "add failures to the blocking check ohlcv_quality" in proc.stdout + proc.stderr
     ), (proc.stdout + proc.stderr)[-6000:]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])  # the storage config reads it

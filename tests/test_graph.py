@@ -50,6 +50,7 @@ def _run(
     resources=None,
     run_config=None,
     raise_on_error=True,
+    instance=None,
 ):
     return dg.materialize(
         EVERYTHING,
@@ -59,6 +60,7 @@ def _run(
         partition_key=partition_key,
         run_config=run_config,
         raise_on_error=raise_on_error,
+        instance=instance,
     )
 
 
@@ -253,20 +255,31 @@ def test_a_failed_quality_check_blocks_everything_downstream(tmp_path):
         **default_resources(str(root)),
         "sources": MarketSourcesResource(ohlcv_source="corrupt-test"),
     }
-    result = _run(
-        root,
-        selection=UPSTREAM,
-        tags=_range_tags("2019", "2019"),
-        resources=resources,
-        raise_on_error=False,
-    )
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = _run(
+            root,
+            selection=UPSTREAM,
+            tags=_range_tags("2019", "2019"),
+            resources=resources,
+            raise_on_error=False,
+            instance=instance,
+        )
+        records = instance.get_records_for_run(
+            result.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION
+        ).records
     assert not result.success
-    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    checks = {
+        e.asset_check_evaluation.check_name: e.asset_check_evaluation
+        for e in (r.event_log_entry for r in records)
+    }
+    # the ingest's audit of its staged write failed ohlcv_quality before anything was published
     assert not checks["ohlcv_quality"].passed
+    assert "rolled back" in checks["ohlcv_quality"].description
     assert "column_B=low" in checks["ohlcv_quality"].description
     assert checks["macro_quality"].passed
     done = _materialized(result)
-    assert {"ohlcv_bars", "onchain_metrics", "macro_series"} <= done
+    assert {"onchain_metrics", "macro_series"} <= done and "ohlcv_bars" not in done
+    assert Warehouse(DataPaths.at(root)).count("ohlcv") == 0
     assert not done & {"features", "labels", "training_dataset", "model", "mamba_model", "backtest"}
     assert not Lake(DataPaths.at(root).lake).exists("features")
 

@@ -439,6 +439,49 @@ def check_extreme_moves(
     return _outcome("mambacast_expect_no_extreme_one_bar_move", kwargs, bad, max_examples)
 
 
+# The rule a write does not break by itself: how close the newest row is to the window end says
+# whether the source is current, not whether the write is sound (a historical file without
+# `until`). The table's check judges it after the write; the audit of a staged write does not.
+FRESHNESS_RULE = "mambacast_expect_fresh_newest_partition"
+
+
+def check_bars(table: str, df: pl.DataFrame, max_examples: int = 5) -> ExpectationOutcome:
+    """OHLC bars that cannot be: prices not positive and finite, high below the open, close or
+    low, low above the open or close, volume negative or not finite. Polars, for the intraday
+    tables (a year of minute bars is too many rows for the per-entity suite)."""
+    prices = ["open", "high", "low", "close"]
+    broken = (
+        pl.any_horizontal([~pl.col(c).is_finite() | (pl.col(c) <= 0) for c in prices])
+        | (pl.col("high") < pl.max_horizontal("open", "close", "low"))
+        | (pl.col("low") > pl.min_horizontal("open", "close"))
+        | ~pl.col("volume").is_finite()
+        | (pl.col("volume") < 0)
+    )
+    bad = df.filter(broken).select("symbol", "ts", *prices, "volume")
+    return _outcome("mambacast_expect_consistent_bars", {"table": table}, bad, max_examples)
+
+
+def added_failures(after: QualityReport, before: QualityReport) -> list[ExpectationOutcome]:
+    """The failures of `after` that `before` did not have: a rule that passed before, or fails
+    on more rows now. What a write added, as opposed to what the table already held (a gap
+    from an old outage, an entity no longer configured)."""
+    old = {o.rule: o for o in before.outcomes}
+    return [
+        f
+        for f in after.failures
+        if f.rule not in old
+        or old[f.rule].success
+        or f.unexpected_count > old[f.rule].unexpected_count
+    ]
+
+
+def frame_reader(df: pl.DataFrame) -> Callable[[str, Any, Any], pl.DataFrame]:
+    """A `read(table, lo, hi)` over a frame already read (rows of one table)."""
+    return lambda table, lo=None, hi=None: _in_window(
+        table, df, _start_of(table, lo), _start_of(table, hi)
+    )
+
+
 def _in_window(table: str, df: pl.DataFrame, start, end) -> pl.DataFrame:
     t = pl.col(table_spec(table).time_column)
     if start is not None:

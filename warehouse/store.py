@@ -105,6 +105,7 @@ class Warehouse:
         *,
         allow_shrink: bool = False,
         audit: Audit | None = None,
+        baseline: Audit | None = None,
     ) -> WriteResult:
         """Replace the rows of `entities` with time in [start, end) by `df`, in one transaction.
 
@@ -112,13 +113,16 @@ class Warehouse:
         whole write back, so readers see either the old window or the new one. The write is
         staged, then published (write-audit-publish): it raises ShrinkingWindowError when a
         stored row of the window would be deleted and not replaced (unless `allow_shrink`),
-        and `audit`, given a reader of the staged tables, may raise to roll everything back.
+        and `audit`, given a reader of the staged tables, may raise to roll everything back;
+        `baseline`, given the same reader before anything is deleted, sees the stored state.
         """
         spec = table_spec(table)
         rows = conform(df, spec, source)
         _check_inside_window(rows, spec, start, end, entities, source)
         lo, hi = _window_bounds(spec, start, end)
         with self.connect() as con, _transaction(con):
+            if baseline is not None:
+                baseline(_reader(con))
             before = _window_keys(con, spec, lo, hi, entities)
             deleted = _delete_window(con, spec, lo, hi, entities)
             incoming = rows.to_arrow()  # noqa: F841 (read by DuckDB's replacement scan)
@@ -140,6 +144,7 @@ class Warehouse:
         *,
         allow_shrink: bool = False,
         audit: Audit | None = None,
+        baseline: Audit | None = None,
     ) -> list[WriteResult]:
         """Replace a window of `timeframe` bars and rebuild the coarser bars from them.
 
@@ -160,6 +165,8 @@ class Warehouse:
             )
         results = []
         with self.connect() as con, _transaction(con):
+            if baseline is not None:
+                baseline(_reader(con))
             before = {
                 s.name: _window_keys(con, s, lo, hi, entities)
                 for s in [spec, *(table_spec(ohlcv_table(tf)) for tf in coarser)]

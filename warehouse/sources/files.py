@@ -23,10 +23,11 @@ from pathlib import Path
 import polars as pl
 
 from warehouse.sources.base import SourceError, SourceFetchError, register
-from warehouse.sources.csvfile import check_rows
+from warehouse.sources.csvfile import check_rows, file_stamp
 
 _TIMEFRAMES = {60: "1m", 3600: "1h", 86400: "1d"}
 _PRICES = ("open", "high", "low", "close")
+_CSV = (".csv", ".txt")
 
 
 @register("ohlcv", "file")
@@ -48,7 +49,7 @@ class FileOHLCV:
         if not file.is_file():
             raise SourceError(f"OHLCV file {file} does not exist; check `ohlcv_path`")
         self._file = file
-        if file.suffix.lower() != ".parquet":
+        if file.suffix.lower() in _CSV:
             check_rows(file, "file")  # a cut-off line must not fail later as a bad date
         self._scan, self._layout = _open(file, self.volume_column)
         has_symbol = "symbol" in self._scan.collect_schema().names()
@@ -74,7 +75,8 @@ class FileOHLCV:
         return self.symbols
 
     def fetch(self, start: datetime, end: datetime) -> pl.DataFrame:
-        if self._file.suffix.lower() != ".parquet":
+        stamp = file_stamp(self._file)
+        if self._file.suffix.lower() in _CSV:
             check_rows(self._file, f"file ({self._layout} layout)")
         lf = self._scan.filter((pl.col("ts") >= start) & (pl.col("ts") < end))
         if "symbol" in lf.collect_schema().names():
@@ -88,6 +90,11 @@ class FileOHLCV:
                 f"file {self._file}: cannot read bars for [{start:%Y-%m-%d %H:%M}, "
                 f"{end:%Y-%m-%d %H:%M}) ({self._layout} layout): {exc}"
             ) from exc
+        if file_stamp(self._file) != stamp:
+            raise SourceFetchError(
+                f"file {self._file} changed while it was being read (a download still running?); "
+                "re-run once it is complete (nothing was written)"
+            )
         # Missing prices (empty or NaN) are gaps in the file, as in the 1-minute CSV: never filled.
         numeric = [*_PRICES, "volume"]
         df = df.with_columns(pl.col(numeric).fill_nan(None))
