@@ -245,7 +245,14 @@ def ingest_window(
             metadata=report_metadata(added, window),
         ) from None
     except ShrinkingWindowError as exc:
-        raise dg.Failure(description=str(exc)) from None
+        asset = context.asset_key.to_user_string()
+        where = (
+            f" Source {source.name!r} reads {source.path}." if getattr(source, "path", "") else ""
+        )
+        raise dg.Failure(
+            description=f"{exc}{where} To confirm: --config-json "
+            f'\'{{"ops": {{"{asset}": {{"config": {{"allow_shrink": true}}}}}}}}\''
+        ) from None
     for r in results:
         context.log.info(
             f"{r.table}: replaced {r.rows_deleted} rows with {r.rows_inserted}; "

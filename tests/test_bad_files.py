@@ -151,7 +151,8 @@ def test_a_whole_line_cut_from_the_end_fails_unless_the_shrink_is_confirmed(stor
     root, path, lines, store, before = stored
     _write(path, lines[:-1])  # a file that parses, cut at a line boundary: 99 bars
     message = _failure(_ingest(root, path))
-    assert "BTC-USD: 1 of its 100 rows, from 2012-04-09" in message and "allow_shrink" in message
+    assert "BTC-USD: 1 of its 100 rows, from 2012-04-09" in message and str(path) in message
+    assert """'{"ops": {"ohlcv_bars": {"config": {"allow_shrink": true}}}}'""" in message
     assert store.read("ohlcv").equals(before)
     result = _ingest(root, path, allow_shrink=True)
     assert result.success
