@@ -495,8 +495,19 @@ class Forecaster(LayerStack):
 
 
 def _masked_sum(loss: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of loss over mask, number of valid elements): chunks add up, divided once."""
-    return (loss * mask).sum(), mask.sum()
+    """(sum of loss over mask, number of valid elements): chunks add up, divided once.
+
+    torch.where, not loss * mask: a non-finite loss at a masked element (inf * 0 = NaN) adds
+    exactly zero; the callers also keep masked elements' inputs finite (`_keep`), so their
+    gradients are exact zeros rather than 0 * inf."""
+    return torch.where(mask, loss, 0).sum(), mask.sum()
+
+
+def _keep(x: torch.Tensor, valid: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """x where valid (broadcast over x's trailing dimensions), else `fill`: masked elements
+    carry a finite stand-in through the loss, and take a zero gradient."""
+    valid = valid.reshape(*valid.shape, *([1] * (x.dim() - valid.dim())))
+    return torch.where(valid, x, fill)
 
 
 class MultiTaskLoss(nn.Module):
@@ -554,7 +565,7 @@ class MultiTaskLoss(nn.Module):
         if "direction" in targets:
             t = targets["direction"]
             valid = torch.isfinite(t) & (t >= 0) if t.is_floating_point() else t >= 0
-            logits = outputs["direction"].float()  # (B, L, K)
+            logits = _keep(outputs["direction"].float(), valid)  # (B, L, K)
             ce = F.cross_entropy(
                 logits.flatten(0, -2), torch.where(valid, t, 0).long().flatten(), reduction="none"
             )
@@ -562,19 +573,24 @@ class MultiTaskLoss(nn.Module):
         if "quantiles" in targets:
             t = targets["quantiles"]
             valid = torch.isfinite(t)
-            pred = outputs["quantiles"].float()  # (B, L, Q)
+            pred = _keep(outputs["quantiles"].float(), valid)  # (B, L, Q)
             tau = torch.tensor(self.quantiles, device=pred.device, dtype=pred.dtype)
             units = outputs.get("quantile_units")
-            units = self.quantile_scale if units is None else units.float()[..., None]
+            units = (
+                self.quantile_scale if units is None else _keep(units.float(), valid, 1)[..., None]
+            )
             err = (torch.where(valid, t, 0)[..., None] - pred) / units  # (B, L, Q)
             pinball = torch.maximum(tau * err, (tau - 1) * err)
             parts["quantiles"] = _masked_sum(pinball, valid[..., None].expand_as(pinball))
         if "sigma" in targets:
             t = targets["sigma"]
             valid = torch.isfinite(t) & (t > 0)  # QLIKE needs a positive realized volatility
-            log_pred = (
-                outputs["log_sigma"] if "log_sigma" in outputs else torch.log(outputs["sigma"])
-            ).float()
+            log_pred = _keep(
+                outputs["log_sigma"].float()
+                if "log_sigma" in outputs
+                else torch.log(_keep(outputs["sigma"].float(), valid, 1)),
+                valid,
+            )
             log_ratio = 2 * (torch.log(torch.where(valid, t, 1.0)) - log_pred)
             qlike = torch.exp(log_ratio) - log_ratio - 1
             parts["sigma"] = _masked_sum(qlike, valid)
@@ -582,9 +598,9 @@ class MultiTaskLoss(nn.Module):
             t = targets["returns"]
             valid = torch.isfinite(t)
             units = outputs.get("return_units")
-            units = self.return_scale if units is None else units.float()
+            units = self.return_scale if units is None else _keep(units.float(), valid, 1)
             huber = F.huber_loss(
-                outputs["returns"].float() / units,
+                _keep(outputs["returns"].float(), valid) / units,
                 torch.where(valid, t, 0) / units,
                 reduction="none",
                 delta=self.huber_delta,

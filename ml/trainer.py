@@ -29,6 +29,10 @@ single-process one, not an approximation of it:
 - only rank 0 writes checkpoints; they hold the carried state of all lanes (lanes on dim 0 of
   every state tensor), so they resume under any world size or in one process. Resuming, rank 0
   reads the checkpoint and broadcasts it.
+- constructing the Trainer, fit, evaluate, evaluate_tasks and save_checkpoint are collectives
+  (every rank calls them in the same order); data_parallel=False opts a Trainer out, for
+  work on one rank alone. A checkpoint that rank 0 fails to write or read, or that some rank
+  fails to restore, raises distributed.RankFailed on every rank.
 Dropout (the global RNG) is seeded seed + rank: ranks draw independent masks, so a run with
 dropout > 0 is not the single-process one draw for draw.
 """
@@ -134,12 +138,18 @@ class Sequences:
     def chunk_targets(self, start: int, end: int) -> int:
         """How many steps of start..end-1 carry at least one counted target (finite floats,
         class labels >= 0, not masked out)."""
+        return int(self.scored_steps(start, end).sum())
+
+    def scored_steps(self, start: int, end: int) -> torch.Tensor:
+        """(B, steps) bool, on the data's device: whether each step of start..end-1 carries at
+        least one counted target."""
         _, targets = self.chunk(start, end)
-        any_valid = torch.zeros(self.x.shape[0], min(end, self.length) - start, dtype=torch.bool)
+        steps = max(0, min(end, self.length) - start)
+        any_valid = torch.zeros(self.x.shape[0], steps, dtype=torch.bool, device=self.x.device)
         for y in targets.values():
             valid = torch.isfinite(y) if y.is_floating_point() else y >= 0
-            any_valid |= valid.reshape(*valid.shape[:2], -1).any(-1)
-        return int(any_valid.sum())
+            any_valid |= valid.reshape(*valid.shape[:2], -1).any(-1).to(any_valid.device)
+        return any_valid
 
     @property
     def lanes(self) -> int:
@@ -211,7 +221,13 @@ class Trainer:
         data_parallel: bool | None = None,
     ) -> None:
         """data_parallel: None (default) trains with DDP across the initialized process group
-        when it has more than one rank; False trains this process alone regardless."""
+        when it has more than one rank; False trains this process alone regardless.
+
+        Under DDP (a process group of more than one rank and data_parallel not False) this
+        constructor, `fit`, `evaluate`, `evaluate_tasks` and `save_checkpoint` are collectives:
+        every rank must call them, in the same order, with the same data, or the ranks wait on
+        each other until the group's timeout. Code that evaluates on one rank alone (say rank 0
+        after training) builds its Trainer with data_parallel=False."""
         self.model, self.loss_fn, self.cfg = model, loss_fn, cfg
         self.train_data, self.val_data = _groups(train), _groups(val)
         monitorable = {"total", *(k for g in self.val_data for k in g.targets)}
@@ -293,24 +309,21 @@ class Trainer:
                 ghost.loss_mask = torch.zeros(1, seq.length, dtype=torch.bool, device=seq.x.device)
                 self.state_bounds.append((0, 1))
                 self.train_shards.append(ghost)
-        import inspect
-
         from torch.nn.parallel import DistributedDataParallel
 
         cuda = self.device.type == "cuda"
-        # buffers (the loss units, calibrated before training) are synced once, at wrapping
-        no_buffer_sync = (
-            {"forward_sync_buffers": False}
-            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-            else {"broadcast_buffers": False}
-        )
         # find_unused_parameters: the heads of tasks without targets take no gradient (they
-        # stay None, so AdamW leaves them alone, as in one process)
+        # stay None, so AdamW leaves them alone, as in one process).
+        # broadcast_buffers=False: no buffer changes in training (the only buffers are the
+        # heads' and the loss's units, calibrated from the same full training data on every
+        # rank before wrapping, and no norm layer keeps running statistics); DDP's constructor
+        # still broadcasts rank 0's parameters and buffers once, so the ranks start equal and
+        # a re-broadcast before every forward would only cost time.
         self.ddp = DistributedDataParallel(
             _Joint(self.model, self.loss_fn, self._autocast),
             device_ids=[self.device.index] if cuda else None,
             find_unused_parameters=True,
-            **no_buffer_sync,
+            broadcast_buffers=False,
         )
         # rank 0 decides whether checkpoints are written (and reads them to resume)
         self._checkpointing = bool(
@@ -487,7 +500,11 @@ class Trainer:
     def evaluate_tasks(self, data: Sequences | Sequence[Sequences]) -> dict[str, float]:
         """Each task's mean loss over every counted target of `data` (summed over all chunks
         and lane groups, divided once), and "total", the loss's weighting of those means.
-        Chunk by chunk with the state carried, no augmentation."""
+        Chunk by chunk with the state carried, no augmentation.
+
+        Under DDP a collective: each rank scores its lanes of `data` and the sums are gathered,
+        so every rank must call it with the same data (build the Trainer with
+        data_parallel=False to evaluate on one rank alone)."""
         self.model.eval()
         self.loss_fn.eval()
         sums: dict[str, float] = {}
@@ -539,7 +556,8 @@ class Trainer:
         return means
 
     def evaluate(self, data: Sequences | Sequence[Sequences]) -> float:
-        """The monitored validation metric over `data` (see `evaluate_tasks`)."""
+        """The monitored validation metric over `data` (see `evaluate_tasks`; under DDP a
+        collective, called by every rank)."""
         return self.evaluate_tasks(data)[self.cfg.monitor]
 
     # -- pieces -----------------------------------------------------------------------------
@@ -594,26 +612,34 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
-        """Write last.pt (rank 0 only under DDP; every rank must call it, it gathers)."""
-        extra: dict[str, Any] = {}
-        carried = self.carried
-        if self.distributed:
-            if not self._checkpointing:
-                return None
-            carried = self._gather_carried()
-            rngs = distributed.all_gather_objects(
-                (
-                    torch.get_rng_state(),
-                    torch.cuda.get_rng_state() if self.device.type == "cuda" else torch.zeros(0),
-                )
-            )
-            if self.rank != 0:
-                return None
-            extra = {
-                "world_size": self.world_size,
-                "rank_torch_rng": [r[0] for r in rngs],
-                "rank_cuda_rng": [r[1] for r in rngs],
-            }
+        """Write last.pt. Under DDP a collective (every rank must call it): the ranks' carried
+        states and RNG states are gathered on rank 0, which alone writes; if that fails, every
+        rank raises distributed.RankFailed (none is left waiting for rank 0)."""
+        if not self.distributed:
+            return self._write_checkpoint(self.carried, {})
+        if not self._checkpointing:
+            return None
+        rng = (
+            torch.get_rng_state(),
+            torch.cuda.get_rng_state() if self.device.type == "cuda" else torch.zeros(0),
+        )
+        gathered = distributed.gather_objects((self._carried_shards(), rng), dst=0)
+        path, error = None, None
+        if self.rank == 0:
+            assert gathered is not None
+            try:
+                extra = {
+                    "world_size": self.world_size,
+                    "rank_torch_rng": [r[1][0] for r in gathered],
+                    "rank_cuda_rng": [r[1][1] for r in gathered],
+                }
+                path = self._write_checkpoint(self._join_carried([r[0] for r in gathered]), extra)
+            except Exception as e:  # decided below, on every rank
+                error = e
+        distributed.raise_if_any(error, "to write the checkpoint")
+        return path
+
+    def _write_checkpoint(self, carried: list[Any], extra: dict[str, Any]) -> Path | None:
         if not self.checkpoint_dir:
             return None
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -649,13 +675,19 @@ class Trainer:
             if found:
                 self.load_checkpoint(path)
             return found
-        ckpt = None
+        ckpt, error = None, None
         if self.rank == 0 and found:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # decided on every rank: the others would wait for rank 0
+                error = e
+        distributed.raise_if_any(error, f"to read the checkpoint {path}")
         ckpt, where = distributed.broadcast_object((ckpt, str(path)))
         if ckpt is None:
             return False
-        self._restore(ckpt, Path(where))
+        # a checkpoint that does not fit this run may fail on some ranks only (their lanes)
+        with distributed.agreed(f"to restore the checkpoint {where}"):
+            self._restore(ckpt, Path(where))
         return True
 
     def load_checkpoint(self, path: Path) -> None:
@@ -715,18 +747,21 @@ class Trainer:
             self.step,
         )
 
-    def _gather_carried(self) -> list[Any]:
-        """The carried state of every lane on rank 0 (each rank's lanes concatenated in rank
-        order on dim 0 of every tensor; plain values, such as positions, are shared)."""
+    def _carried_shards(self) -> list[dict[str, Any]]:
+        """This rank's carried state of each lane group, flattened (CPU tensors), without the
+        ghost lane of a group this rank holds no lane of."""
         mine = []
         for state, (lo, hi) in zip(self.carried, self.train_bounds, strict=True):
             flat = flatten_state(state)
             if hi == lo:  # a ghost lane: this rank holds no lane of the group
                 flat["tensors"] = [t[:0] for t in flat["tensors"]]
             mine.append(flat)
-        gathered = distributed.all_gather_objects(mine)
-        if self.rank != 0:
-            return []
+        return mine
+
+    def _join_carried(self, gathered: list[list[dict[str, Any]]]) -> list[Any]:
+        """The carried state of every lane from every rank's `_carried_shards` (each rank's lanes
+        concatenated in rank order on dim 0 of every tensor; plain values, such as positions,
+        are shared)."""
         full = []
         for g in range(len(self.carried)):
             parts = [ranks[g] for ranks in gathered]

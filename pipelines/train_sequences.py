@@ -16,7 +16,11 @@ Data parallel on several GPUs (or CPU processes), one model trained by all of th
 
 Every rank reads the fold's data and trains on its share of the lanes (see ml.distributed and
 ml.trainer); rank 0 alone predicts, writes the artifact, prints the summary and, under Pipes,
-talks to Dagster (it sends the launch's parameters to the other ranks).
+talks to Dagster (it sends the launch's parameters to the other ranks). Training (the Trainer
+and its validation) is collective, so every rank fits every seed; prediction is not (rank 0's
+models predict in its process alone). After rank 0's writes of each seed and of each artifact
+the ranks meet (`distributed.agreed`): a failure there raises on every rank instead of leaving
+the others waiting, and the wait itself is bounded by MAMBACAST_DIST_TIMEOUT_S (default 2 h).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from ml.labels import LabelConfig
 from ml.walkforward import Fold
 from ml.walkforward_run import to_long
 from warehouse import ArtifactStore, DataPaths, Lake
-from warehouse.artifacts import content_version
+from warehouse.artifacts import Artifact, content_version
 
 
 def train_sequence_models(
@@ -77,13 +81,17 @@ def train_sequence_models(
             f"device {s.device!r} pins every rank to one GPU; under torchrun use --device auto "
             f"or cuda (each rank trains on cuda:LOCAL_RANK)"
         )
+    if world > 1 and device.type == "cuda":  # every rank needs its GPU: all fail, or none
+        with distributed.agreed("to find its GPU"):
+            distributed.require_local_gpu()
     if rank > 0:  # a helper rank: train alongside rank 0, write nothing
         for key in folds:
             data = fold_data(rows, rows, known[key], meta["feature_columns"], targets)
             for kind in models:
-                if distributed.broadcast_object(None):  # rank 0 trains it (not reused)
-                    for seed in seeds:
-                        SequenceForecaster(kind, seed, s).fit(data)
+                _follow_artifact(
+                    lambda seed, kind=kind, data=data: SequenceForecaster(kind, seed, s).fit(data),
+                    seeds,
+                )
         return {"artifacts": [], "device": str(device), "seeds": list(seeds), "rank": rank}
     summary: list[dict[str, Any]] = []
     total, done = len(folds) * len(models), 0
@@ -107,33 +115,75 @@ def train_sequence_models(
             if world > 1:
                 metadata["world_size"] = world
             train = partial(_train, kind=kind, data=data, seeds=seeds, s=s, log=log, out=metadata)
-            started: list[bool] = []
-
-            def write(folder: Path, train=train, started=started) -> None:
-                started.append(distributed.broadcast_object(True))  # the other ranks join in
-                train(folder)
-
-            art = store.write(kind, key, version, write if world > 1 else train, metadata)
-            if world > 1 and not started:
-                distributed.broadcast_object(False)  # reused: nothing to train
-            if not art.created:
-                log(f"fold {key} {kind}: {version} already exists; reused, not retrained")
-            md = art.manifest["metadata"]
             summary.append(
-                {
-                    "fold": key,
-                    "model": kind,
-                    "version": version,
-                    "reused": not art.created,
-                    "parameters": md.get("parameters"),
-                    "val_loss_mean": round(sum(md["val_loss"]) / len(md["val_loss"]), 4)
-                    if md.get("val_loss")
-                    else None,
-                    "train_seconds": md.get("train_seconds"),
-                }
+                _write_artifact(
+                    store, kind, key, version, train, metadata, partial(_summarize, log=log)
+                )
             )
             log(f"[{done}/{total}] fold {key} {kind} done")
     return {"artifacts": summary, "device": str(device), "seeds": list(seeds)}
+
+
+def _summarize(art: Artifact, log: Callable[[str], None]) -> dict[str, Any]:
+    if not art.created:
+        log(f"fold {art.partition} {art.kind}: {art.version} already exists; reused, not retrained")
+    md = art.manifest["metadata"]
+    return {
+        "fold": art.partition,
+        "model": art.kind,
+        "version": art.version,
+        "reused": not art.created,
+        "parameters": md.get("parameters"),
+        "val_loss_mean": round(sum(md["val_loss"]) / len(md["val_loss"]), 4)
+        if md.get("val_loss")
+        else None,
+        "train_seconds": md.get("train_seconds"),
+    }
+
+
+def _write_artifact(
+    store: ArtifactStore,
+    kind: str,
+    key: str,
+    version: str,
+    train: Callable[[Path], None],
+    metadata: dict[str, Any],
+    summarize: Callable[[Artifact], dict[str, Any]],
+) -> dict[str, Any]:
+    """Rank 0's part of one artifact: write it (or reuse it) and summarize it. Under DDP the
+    other ranks run `_follow_artifact` meanwhile, the same collectives in the same order: a
+    broadcast of whether it trains, an agreement after each seed (in `_train`) and one after
+    the artifact and its summary, where a failure of rank 0 raises on every rank."""
+    if distributed.world()[1] == 1:
+        return summarize(store.write(kind, key, version, train, metadata))
+    started: list[bool] = []
+
+    def write(folder: Path) -> None:
+        started.append(distributed.broadcast_object(True))  # the other ranks join in
+        train(folder)
+
+    error: Exception | None = None
+    out: dict[str, Any] = {}
+    try:
+        out = summarize(store.write(kind, key, version, write, metadata))
+    except distributed.RankFailed:
+        raise  # agreed on every rank already (a seed's writes)
+    except Exception as e:  # decided below, on every rank
+        error = e
+    if not started:
+        distributed.broadcast_object(False)  # reused (or failed before training): no training
+    distributed.raise_if_any(error, f"to write the artifact {kind}/{key}/{version}")
+    return out
+
+
+def _follow_artifact(fit: Callable[[int], object], seeds: Sequence[int]) -> None:
+    """A helper rank's part in rank 0's `_write_artifact`: fit every seed with rank 0 if it
+    trains, meeting it after each seed's writes and after the artifact's."""
+    if distributed.broadcast_object(None):  # rank 0 trains it (not reused)
+        for seed in seeds:
+            fit(seed)
+            distributed.raise_if_any(None)  # rank 0's predictions and weights of the seed
+    distributed.raise_if_any(None)  # rank 0's artifact files, manifest and summary
 
 
 def _train(
@@ -149,14 +199,16 @@ def _train(
     parts, history = [], {}
     started = time.perf_counter()
     for seed in seeds:
-        f = SequenceForecaster(kind, seed, s).fit(data)
-        parts.append(to_long(f.predict(data), kind, seed, data.key, data.scored, data.targets))
-        torch.save(f.state_dict(), folder / f"weights_seed{seed}.pt")
-        history[str(seed)] = {"summary": f.summary, "epochs": f.history}
-        log(
-            f"fold {data.key} {kind} seed {seed}: best validation loss "
-            f"{f.summary['best_val_loss']:.4f} after {f.summary['steps']} steps"
-        )
+        f = SequenceForecaster(kind, seed, s).fit(data)  # under DDP with every rank
+        # this process alone (the helper ranks wait here, see `_follow_artifact`)
+        with distributed.agreed(f"to predict and save {kind} seed {seed} of fold {data.key}"):
+            parts.append(to_long(f.predict(data), kind, seed, data.key, data.scored, data.targets))
+            torch.save(f.state_dict(), folder / f"weights_seed{seed}.pt")
+            history[str(seed)] = {"summary": f.summary, "epochs": f.history}
+            log(
+                f"fold {data.key} {kind} seed {seed}: best validation loss "
+                f"{f.summary['best_val_loss']:.4f} after {f.summary['steps']} steps"
+            )
     pl.concat(parts).write_parquet(folder / "predictions.parquet")
     (folder / "history.json").write_text(json.dumps(history, indent=2, default=str))
     (folder / "scaler.json").write_text(f.scaler.to_json())
@@ -192,11 +244,21 @@ def main() -> None:
 
     from dagster_pipes import DAGSTER_PIPES_CONTEXT_ENV_VAR, open_dagster_pipes
 
-    info = distributed.init_from_env()  # under torchrun: join the process group
+    piped = os.environ.get(DAGSTER_PIPES_CONTEXT_ENV_VAR) is not None
+    # under torchrun: join the process group, on the CLI's device (--device cpu leaves CUDA
+    # alone); under Pipes the settings arrive after joining, from rank 0
+    info = distributed.init_from_env(device=None if piped else _cli_device())
     try:
-        _main(info, os.environ.get(DAGSTER_PIPES_CONTEXT_ENV_VAR) is not None, open_dagster_pipes)
+        _main(info, piped, open_dagster_pipes)
     finally:
         distributed.shutdown()
+
+
+def _cli_device(argv: Sequence[str] | None = None) -> str:
+    """The --device of the command line (the settings' default without one)."""
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--device", default=SequenceSettings().device)
+    return ap.parse_known_args(argv)[0].device
 
 
 def _main(info: distributed.DistInfo, piped: bool, open_dagster_pipes: Callable) -> None:
