@@ -274,3 +274,20 @@ def test_an_audit_sees_the_staged_rows_and_its_failure_publishes_nothing(warehou
     assert warehouse.read("ohlcv").equals(before)  # the good bars are still there
     warehouse.replace_window("ohlcv", jan, JAN, FEB, src.entities, audit=audit)
     assert warehouse.read("ohlcv").equals(before)
+
+
+def test_a_replace_that_blanks_stored_values_fails_unless_confirmed(warehouse):
+    src = make_source("onchain", "synthetic")
+    rows = src.fetch(JAN, FEB)
+    warehouse.replace_window("onchain", rows, JAN, FEB, src.entities)
+    before = warehouse.read("onchain")
+    # the source stopped serving one metric for a day: a null where a value was stored
+    day = pl.col("date") == datetime(2021, 1, 9).date()
+    blank = rows.with_columns(tx_count=pl.when(day).then(None).otherwise(pl.col("tx_count")))
+    with pytest.raises(ShrinkingWindowError, match=r"blank stored values.*tx_count: 1 values"):
+        warehouse.replace_window("onchain", blank, JAN, FEB, src.entities)
+    assert warehouse.read("onchain").equals(before)
+    # a value that appears where none was stored is new data, not a loss
+    warehouse.replace_window("onchain", blank, JAN, FEB, src.entities, allow_shrink=True)
+    warehouse.replace_window("onchain", rows, JAN, FEB, src.entities)
+    assert warehouse.read("onchain").equals(before)

@@ -304,36 +304,60 @@ def _reader(con: duckdb.DuckDBPyConnection) -> Reader:
 
 
 def _window_keys(con: duckdb.DuckDBPyConnection, spec: TableSpec, lo, hi, entities) -> pl.DataFrame:
-    """The (entity, time) keys of `entities` with time in [lo, hi)."""
+    """The rows of `entities` with time in [lo, hi): their keys, as `entity` and `time`, and
+    for tables whose values may be missing (on-chain metrics, macro series; not the bar tables,
+    whose prices the quality rules require) their value columns too."""
+    values = [] if spec.name.startswith("ohlcv") else _value_columns(spec)
+    cols = ", ".join([f"{spec.entity_column} AS entity", f"{spec.time_column} AS time", *values])
     sql = (
-        f"SELECT {spec.entity_column} AS entity, {spec.time_column} AS time "  # noqa: S608
-        f"FROM {spec.name} WHERE {spec.entity_column} IN (SELECT unnest(?)) "
+        f"SELECT {cols} FROM {spec.name} "  # noqa: S608
+        f"WHERE {spec.entity_column} IN (SELECT unnest(?)) "
         f"AND {spec.time_column} >= ? AND {spec.time_column} < ?"
     )
     return pl.from_arrow(con.sql(sql, params=[list(entities), lo, hi]).to_arrow_table())
 
 
+def _value_columns(spec: TableSpec) -> list[str]:
+    return [c for c in spec.columns if c not in spec.key]
+
+
 def _refuse_shrink(con, spec: TableSpec, lo, hi, entities, before: pl.DataFrame, source) -> None:
-    """Raise ShrinkingWindowError when a key of `before` (the window's keys before the write)
-    is not in the table any more: the write would delete stored rows without replacing them."""
+    """Raise ShrinkingWindowError when a row of `before` (the window before the write) is not
+    in the table any more, or a value it held is now missing: the write would delete stored
+    data without replacing it."""
     after = _window_keys(con, spec, lo, hi, entities)
     lost = before.join(after, on=["entity", "time"], how="anti")
+    counts = before.group_by("entity").len()
+    held = dict(zip(counts["entity"].to_list(), counts["len"].to_list(), strict=True))
+    problems = []
     if lost.height:
         per = lost.group_by("entity", maintain_order=True).agg(
             pl.len().alias("n"), pl.col("time").min().alias("first")
         )
-        counts = before.group_by("entity").len()
-        held = dict(zip(counts["entity"].to_list(), counts["len"].to_list(), strict=True))
-        detail = "; ".join(
+        rows = "; ".join(
             f"{e}: {n} of its {held[e]} rows, from {first}"
             for e, n, first in per.sort("entity").iter_rows()
         )
+        problems.append(f"delete stored rows that the new data does not replace ({rows})")
+    values = [c for c in before.columns if c not in ("entity", "time")]
+    if values:
+        both = before.join(after, on=["entity", "time"], suffix="_new")
+        blanked = [
+            (c, both.filter(pl.col(c).is_not_null() & pl.col(f"{c}_new").is_null())) for c in values
+        ]
+        shown = "; ".join(
+            f"{c}: {b.height} values, e.g. {b['entity'][0]} at {b['time'].min()}"
+            for c, b in blanked
+            if b.height
+        )
+        if shown:
+            problems.append(f"blank stored values the new data lacks ({shown})")
+    if problems:
         raise ShrinkingWindowError(
-            f"source {source!r} -> table {spec.name!r}: replacing [{lo}, {hi}) would delete "
-            f"stored rows that the new data does not replace ({detail}); nothing was written. "
-            "The source returned less than before (a truncated file or page, rows it no longer "
-            "serves). Fix the source, or confirm the loss with `allow_shrink: true` in the "
-            "ingest asset's config."
+            f"source {source!r} -> table {spec.name!r}: replacing [{lo}, {hi}) would "
+            f"{' and '.join(problems)}; nothing was written. The source returned less than "
+            "before (a truncated file or page, rows or metrics it no longer serves). Fix the "
+            "source, or confirm the loss with `allow_shrink: true` in the ingest asset's config."
         )
 
 

@@ -246,9 +246,9 @@ def _number(value: Any) -> float | None:
     """A Coin Metrics value (a decimal string, or null) as a float; ValueError if not numeric."""
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise ValueError(value)
-    out = float(value)  # ValueError / TypeError on text like "n/a"
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(value)  # true / false, or a list or an object where a value belongs
+    out = float(value)  # ValueError on text like "n/a"
     if not math.isfinite(out):
         raise ValueError(value)
     return out

@@ -254,6 +254,10 @@ def _from_ms(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC).replace(tzinfo=None)
 
 
+# 10000-01-01 UTC: a later "time" is no epoch in milliseconds (and may not fit the Int64 column)
+_MAX_EPOCH_MS = 253_402_300_800_000
+
+
 def _check_row(row: object, what: str, index: int) -> list[float]:
     """One parsed candle as [open_ms, open, high, low, close, volume], or SourceFetchError."""
 
@@ -272,8 +276,8 @@ def _check_row(row: object, what: str, index: int) -> list[float]:
             raise bad(f"{name} is not finite")
         values.append(value)
     ts, open_, high, low, close, volume = values
-    if ts != int(ts) or ts < 0:
-        raise bad("time is not a non-negative epoch in milliseconds")
+    if ts != int(ts) or not 0 <= ts < _MAX_EPOCH_MS:
+        raise bad("time is not an epoch in milliseconds between 1970 and 9999")
     if min(open_, high, low, close) <= 0:
         raise bad("prices must be positive")
     if volume < 0:

@@ -51,6 +51,18 @@ class FileOHLCV:
         self._file = file
         if file.suffix.lower() in _CSV:
             check_rows(file, "file")  # a cut-off line must not fail later as a bad date
+        try:
+            self._read_layout(file)
+        except pl.exceptions.PolarsError as exc:
+            raise SourceFetchError(
+                f"file {file}: cannot read its bars to tell the symbols and the timeframe "
+                f"({type(exc).__name__}: {exc}). The file looks corrupted (a repeated header "
+                "line, a time or price that does not parse, an unbalanced quote): fix those "
+                "lines (nothing was written)"
+            ) from exc
+
+    def _read_layout(self, file: Path) -> None:
+        """The layout, symbols and timeframe the file holds (polars errors on a bad file)."""
         self._scan, self._layout = _open(file, self.volume_column)
         has_symbol = "symbol" in self._scan.collect_schema().names()
         self.symbols = tuple(self.symbols)
