@@ -42,7 +42,11 @@ OBS = "/fred/series/observations"
 XML = "text/xml; charset=UTF-8"
 PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 UNSAFE = ["../x", "../../etc", "/tmp/x", "a/../../b", "..", "x\x00y", "C:\\x", "a b", "x/"]
-SAFE = ["BTC-USD", "^GSPC", "BTC/USDT", "BTC/USDT:USDT", "EURUSD=X", "BRK.B", "DGS10", "btc"]
+# names that can be stored end to end: DuckDB values and lake partition folders
+SAFE = ["BTC-USD", "^GSPC", "BTC-USDT-USDT", "BRK.B", "DGS10", "btc", "A_B"]
+# safe in requests (ccxt pairs, Yahoo FX), never stored as they are: ccxt maps its pairs
+# (BTC/USDT -> BTC-USDT), and the resource refuses them from any other source
+REQUEST_ONLY = ["BTC/USDT", "BTC/USDT:USDT", "EURUSD=X"]
 EVIL = "x'); DROP TABLE ohlcv; --"
 OBRIEN = "O'Brien"
 
@@ -82,13 +86,52 @@ def test_every_ui_command_the_project_builds_binds_loopback():
     assert _host(ui_command(3000)) == "127.0.0.1"
     assert _host(ui_command(3000, "dagster", "dev")) == "127.0.0.1"
     # no file starts a UI on every interface, or without -h (checked line by line)
-    starts = re.compile(r"dagster(-webserver| dev)\b")
-    for path in [ROOT / "Makefile", ROOT / "README.md", *ROOT.glob("pipelines/*.py")]:
+    files = [ROOT / "Makefile", ROOT / "README.md", *ROOT.glob("pipelines/*.py")]
+    files.append(ROOT / "deploy" / "README.md")
+    for path in files:
+        rel = path.relative_to(ROOT).as_posix()
         for line in path.read_text().splitlines():
-            if "0.0.0.0" in line:
-                assert "UI_HOST=0.0.0.0" in line, f"{path.name}: {line}"
-            if starts.search(line) and "-w workspace.yaml" in line:
-                assert re.search(r"-h (127\.0\.0\.1|\$\(UI_HOST\))", line), f"{path.name}: {line}"
+            assert not _binds_beyond_loopback(rel, line), f"{rel}: {line}"
+    # the scan flags what it must, and lets through only the reviewed exceptions
+    web = "dagster-webserver -w workspace.yaml"
+    assert _binds_beyond_loopback("README.md", f"{web} -h 0.0.0.0")
+    assert _binds_beyond_loopback("README.md", web)  # outside deploy/: -h is explicit
+    assert _binds_beyond_loopback("deploy/README.md", f"{web} -h 0.0.0.0")
+    assert _binds_beyond_loopback("README.md", f"{web} -h 0.0.0.0  # inside the pod")
+    assert not _binds_beyond_loopback("README.md", f"{web} -h 127.0.0.1")
+    assert not _binds_beyond_loopback("Makefile", "UI_HOST=0.0.0.0 make ui")
+    assert not _binds_beyond_loopback("deploy/README.md", web)  # the default, 127.0.0.1
+    assert not _binds_beyond_loopback("deploy/README.md", f"{web} -h 0.0.0.0 in the pod")
+    assert not _binds_beyond_loopback("deploy/README.md", f"{web} -h 0.0.0.0 (behind the Ingress)")
+
+
+_UI_START = re.compile(r"dagster(-webserver| dev)\b")
+# deploy/ runs the webserver inside a Kubernetes pod, where only the pod's network (the Service
+# and the ingress in front of it) reaches it: it binds 0.0.0.0 there, on a line that says so.
+_IN_POD = re.compile(r"\b(pods?|ingress)\b", re.IGNORECASE)
+
+
+def _binds_beyond_loopback(rel: str, line: str) -> bool:
+    """Whether `line` of file `rel` starts (or documents starting) a UI on more than loopback.
+
+    Everywhere but deploy/, 0.0.0.0 appears only as the documented opt-in UI_HOST=0.0.0.0 and
+    every UI start names its host (127.0.0.1 or $(UI_HOST)). In deploy/, a start without -h
+    binds dagster's default, 127.0.0.1, and 0.0.0.0 is allowed only on a line about the pod or
+    the ingress in front of it.
+    """
+    if rel.startswith("deploy/"):
+        wide = "0.0.0.0" in line or (
+            _UI_START.search(line) is not None
+            and re.search(r"-h (?!127\.0\.0\.1\b|localhost\b)", line) is not None
+        )
+        return wide and not _IN_POD.search(line)
+    if "0.0.0.0" in line and "UI_HOST=0.0.0.0" not in line:
+        return True
+    return bool(
+        _UI_START.search(line)
+        and "-w workspace.yaml" in line
+        and not re.search(r"-h (127\.0\.0\.1|\$\(UI_HOST\))", line)
+    )
 
 
 # -- the FRED key is never stored ----------------------------------------------------------------
@@ -198,6 +241,7 @@ def test_fred_secret_never_stored(tmp_path, monkeypatch, caplog, capfd):
     env = {k: v for k, v in env.items() if k not in PROXY_VARS} | {
         "FRED_API_KEY": key,
         "NO_PROXY": "127.0.0.1,localhost",
+        "MAMBACAST_ALLOW_LOOPBACK_SOURCES": "1",  # the FRED root is the local server
     }
     data, home = Path(env["MAMBACAST_DATA_DIR"]), Path(env["DAGSTER_HOME"])
     with ReplayServer() as server:
@@ -228,6 +272,7 @@ def test_fred_secret_never_stored(tmp_path, monkeypatch, caplog, capfd):
         #    echoing it: the run fails, its error stored in the event log
         monkeypatch.setenv("FRED_API_KEY", key)
         monkeypatch.setenv("DAGSTER_HOME", str(home))
+        monkeypatch.setenv("MAMBACAST_ALLOW_LOOPBACK_SOURCES", "1")
         resources = default_resources(str(data))
         assert isinstance(resources["sources"].fred_api_key, dg.EnvVar)
         server.route(
@@ -301,12 +346,190 @@ def test_the_shared_entity_check_rejects_names_that_could_become_paths(name):
     assert repr(name) in msg and "Fix the symbols option" in msg and "'test'" in msg
 
 
-def test_the_shared_entity_check_keeps_real_symbols():
-    for name in SAFE:
+def test_the_shared_entity_check_keeps_real_symbols(tmp_path):
+    for name in SAFE + REQUEST_ONLY:
         assert is_safe_entity(name), name
-    check_safe_entities(SAFE, source="test")
+    check_safe_entities(SAFE + REQUEST_ONLY, source="test")
     names = check_entities(SAFE, source="test", hint="-", valid=lambda _: True, invalid=str)
     assert names == tuple(SAFE)
+    # SAFE names are stored end to end: a lake snapshot partitioned by them is written
+    df = pl.DataFrame({"symbol": SAFE, "ts": [datetime(2021, 1, 1)] * len(SAFE), "x": 1.0})
+    assert len(Lake(tmp_path).write_snapshot("features", df, time_column="ts", version="v1")) == 7
+    for name in REQUEST_ONLY:  # the lake refuses those: the resource must refuse them first
+        with pytest.raises(LakeError, match="cannot be hive partition values"):
+            Lake(tmp_path).write_snapshot(
+                "labels", df.with_columns(symbol=pl.lit(name)), time_column="ts", version="v1"
+            )
+
+
+def _bars_csv(path: Path, symbol: str | None = None) -> Path:
+    days = pl.date_range(datetime(2024, 1, 1), datetime(2024, 1, 5), eager=True)
+    bars = pl.DataFrame({"date": days.dt.strftime("%Y-%m-%d")}).with_columns(
+        open=pl.lit(1.0), high=pl.lit(2.0), low=pl.lit(0.5), close=pl.lit(1.5), volume=pl.lit(9.0)
+    )
+    if symbol is not None:
+        bars = bars.with_columns(symbol=pl.lit(symbol))
+    bars.write_csv(path)
+    return path
+
+
+@pytest.mark.parametrize("symbol", REQUEST_ONLY)
+def test_the_resource_refuses_entities_the_lake_cannot_store(tmp_path, symbol):
+    """Safe in a request, but not a partition folder: refused before the ingest writes, with
+    the symbol and the fix named (else the features step fails after the rows are stored)."""
+    from assets.resources import MarketSourcesResource
+
+    plain, tagged = _bars_csv(tmp_path / "plain.csv"), _bars_csv(tmp_path / "t.csv", symbol)
+    for symbols, path in (([symbol], plain), ([], tagged)):
+        res = MarketSourcesResource(ohlcv_source="file", ohlcv_path=str(path), symbols=symbols)
+        with pytest.raises(SourceError, match="cannot be stored") as err:
+            res.source("ohlcv")
+        assert repr(symbol) in str(err.value) and "Rename them" in str(err.value)
+
+
+def test_the_resource_keeps_ccxt_pairs_and_yahoo_indices(tmp_path):
+    from assets.resources import MarketSourcesResource
+
+    ccxt = MarketSourcesResource(ohlcv_source="ccxt", symbols=["BTC/USDT", "ETH/USDT:USDT"])
+    assert ccxt.source("ohlcv").entities == ("BTC-USDT", "ETH-USDT-USDT")  # mapped, storable
+    yahoo = MarketSourcesResource(ohlcv_source="yfinance", symbols=["^GSPC", "BRK.B"])
+    assert yahoo.source("ohlcv").entities == ("^GSPC", "BRK.B")
+    path = _bars_csv(tmp_path / "gspc.csv", "^GSPC")
+    res = MarketSourcesResource(ohlcv_source="file", ohlcv_path=str(path), symbols=[])
+    assert res.source("ohlcv").entities == ("^GSPC",)
+
+
+def test_a_trailing_newline_is_not_a_lake_or_artifact_name(tmp_path):
+    from warehouse.artifacts import ArtifactError
+
+    lake, store = Lake(tmp_path / "lake"), ArtifactStore(tmp_path / "artifacts")
+    df = pl.DataFrame({"symbol": ["A\n"], "ts": [datetime(2021, 1, 1)], "x": [1.0]})
+    with pytest.raises(LakeError, match="cannot be hive partition values"):
+        lake.write_snapshot("features", df, time_column="ts", version="v1")
+    one = df.with_columns(symbol=pl.lit("A"))
+    with pytest.raises(LakeError, match="Invalid lake version"):
+        lake.write_snapshot("features", one, time_column="ts", version="v1\n")
+    with pytest.raises(LakeError):
+        lake.write_snapshot("features\n", one, time_column="ts", version="v1")
+    for kind, part, version in (("model\n", "2021", "v1"), ("model", "2021\n", "v1")):
+        with pytest.raises(ArtifactError, match="Invalid artifact"):
+            store.write(kind, part, version, lambda d: None, {})
+    with pytest.raises(ArtifactError, match="Invalid artifact version"):
+        store.write("model", "2021", "v1\n", lambda d: None, {})
+    assert not (tmp_path / "lake").exists() or not list((tmp_path / "lake").rglob("*.parquet"))
+    assert not list(tmp_path.rglob("*\n*"))
+
+
+# -- the FRED key goes only to FRED, and only from the environment ------------------------------
+@pytest.mark.parametrize(
+    "root",
+    [
+        "http://api.stlouisfed.org/fred",  # FRED, but the key in clear text
+        "https://evil.example/fred",
+        "https://api.stlouisfed.org.evil.example/fred",
+        "https://api.stlouisfed.org@evil.example/fred",
+        "http://127.0.0.1@evil.example/fred",
+        "http://localhost.evil.example/fred",
+        "https://api.stlouisfed.org/fred/../../x",
+        "ftp://127.0.0.1/fred",
+        "http://127.0.0.1:99999/fred",
+        "fred",
+    ],
+)
+def test_the_fred_root_is_fred_or_an_allowed_loopback_server(monkeypatch, root):
+    from assets.resources import MarketSourcesResource
+
+    monkeypatch.setenv("MAMBACAST_ALLOW_LOOPBACK_SOURCES", "1")
+    res = MarketSourcesResource(macro_source="fred", fred_mode="csv", fred_api_root=root)
+    with pytest.raises(SourceError, match="sources.fred_api_root=") as err:
+        res.source("macro")
+    assert repr(root) in str(err.value) and "Leave fred_api_root empty" in str(err.value)
+
+
+def test_a_loopback_fred_root_needs_the_opt_in(monkeypatch):
+    from assets.resources import MarketSourcesResource
+
+    for ok in ("", "https://api.stlouisfed.org/fred", "https://api.stlouisfed.org/fred/"):
+        MarketSourcesResource(macro_source="fred", fred_mode="csv", fred_api_root=ok).source(
+            "macro"
+        )
+    local = ["http://127.0.0.1:8123/fred", "http://localhost/fred", "http://[::1]:8123/fred"]
+    for opt_in in (None, "0", "true"):
+        if opt_in is None:
+            monkeypatch.delenv("MAMBACAST_ALLOW_LOOPBACK_SOURCES", raising=False)
+        else:
+            monkeypatch.setenv("MAMBACAST_ALLOW_LOOPBACK_SOURCES", opt_in)
+        for root in local:
+            res = MarketSourcesResource(macro_source="fred", fred_mode="csv", fred_api_root=root)
+            with pytest.raises(SourceError, match="MAMBACAST_ALLOW_LOOPBACK_SOURCES=1"):
+                res.source("macro")
+    monkeypatch.setenv("MAMBACAST_ALLOW_LOOPBACK_SOURCES", "1")
+    for root in local:
+        res = MarketSourcesResource(macro_source="fred", fred_mode="csv", fred_api_root=root)
+        assert res.source("macro").api_root == root
+
+
+def test_a_literal_fred_key_is_refused(monkeypatch):
+    import dagster as dg
+
+    from assets.resources import MarketSourcesResource
+
+    key = secrets.token_hex(16)
+    monkeypatch.delenv("FRED_API_KEY", raising=False)
+    for literal in (key, "FRED_API_KEY"):
+        with pytest.raises(SourceError, match='"env": "FRED_API_KEY"'):
+            MarketSourcesResource(fred_api_key=literal).source("ohlcv")
+    monkeypatch.setenv("FRED_API_KEY", key)
+    with pytest.raises(SourceError, match="literal value"):
+        MarketSourcesResource(fred_api_key=secrets.token_hex(16)).source("ohlcv")
+    with pytest.raises(SourceError, match="literal value"):
+        MarketSourcesResource(fred_api_key=dg.EnvVar("OTHER_KEY")).source("ohlcv")
+    ref = MarketSourcesResource(macro_source="fred", fred_api_key=dg.EnvVar("FRED_API_KEY"))
+    assert ref.source("macro").api_key == key  # the reference, resolved from the environment
+    assert MarketSourcesResource(macro_source="fred").source("macro").api_key == key
+
+
+def test_a_literal_fred_key_in_run_config_fails_the_run(tmp_path, monkeypatch):
+    import dagster as dg
+
+    from assets.ingest import macro_series
+    from assets.resources import MarketSourcesResource, WarehouseResource
+
+    key = secrets.token_hex(16)
+    monkeypatch.setenv("FRED_API_KEY", key)
+    resources = {
+        "warehouse": WarehouseResource(data_dir=str(tmp_path / "data")),
+        "sources": MarketSourcesResource(),
+    }
+
+    def run(value, instance) -> dg.ExecuteInProcessResult:
+        config = {"macro_source": "fred", "fred_mode": "csv", "fred_api_key": value}
+        return dg.materialize(
+            [macro_series],
+            partition_key="2024",
+            resources=resources,
+            run_config={"resources": {"sources": {"config": {**config, "until": "2024-01-02"}}}},
+            instance=instance,
+            raise_on_error=False,
+        )
+
+    with dg.instance_for_test() as instance:
+        # the literal equals the environment's key and is still refused: it is in run_config
+        for literal in (key, secrets.token_hex(16)):
+            result = run(literal, instance)
+            assert not result.success
+            failure = next(e for e in result.all_events if e.is_failure)
+            assert '"env": "FRED_API_KEY"' in str(failure.event_specific_data)
+        # the reference passes setup (and then fetches nothing: the window is before 2024)
+        monkeypatch.setattr(MarketSourcesResource, "source", _no_source)
+        result = run({"env": "FRED_API_KEY"}, instance)
+        logs = "\n".join(str(e.event_specific_data) for e in result.all_events if e.is_failure)
+        assert "fred_api_key" not in logs
+    assert not (tmp_path / "data").exists()
+
+
+def _no_source(self, table):
+    raise SourceError(f"stub: no {table} source in this test")
 
 
 @pytest.mark.parametrize(
@@ -412,6 +635,25 @@ def test_a_symlink_out_of_the_data_directory_is_refused(tmp_path):
     assert check_inside(paths.root, paths.lake / "a" / ".." / "b") == paths.lake / "b"
     with pytest.raises(PathOutsideError, match=r"'\.\./x'"):
         check_inside(paths.root, "../x")
+
+
+def test_a_forecast_state_folder_linked_elsewhere_is_refused(tmp_path):
+    """The forecast state stays in forecast_state/: not outside the data directory (the folder
+    linked elsewhere), nor elsewhere inside it (a model folder linked into the artifacts)."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    paths = DataPaths.at(tmp_path / "data")
+    paths.artifacts.mkdir(parents=True)
+    paths.forecast_state.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(PathOutsideError, match="forecast state"):
+        paths.forecast_state_file("mamba2", "v1")
+    paths.forecast_state.unlink()
+    paths.forecast_state.mkdir()
+    assert paths.forecast_state_file("mamba2", "v1") == paths.forecast_state / "mamba2" / "v1.pt"
+    (paths.forecast_state / "mamba2").symlink_to(paths.artifacts, target_is_directory=True)
+    with pytest.raises(PathOutsideError, match="outside") as err:
+        paths.forecast_state_file("mamba2", "v1")
+    assert str(paths.forecast_state) in str(err.value)
 
 
 @pytest.mark.parametrize("root", ["", "/", "a\x00b"])
@@ -642,6 +884,7 @@ SQL_INTERPOLATIONS = {
     "k",
     "name",
     "pattern",
+    "cols",  # _window_keys: spec.entity_column, spec.time_column and spec.columns, aliased
 }
 _SQL_WORDS = re.compile(r"\b(SELECT|INSERT|DELETE|CREATE|UPDATE|DROP|WHERE|FROM|IN \(|AND|=)")
 

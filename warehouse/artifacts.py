@@ -16,7 +16,7 @@ from typing import Any
 
 from warehouse.paths import check_inside
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
+_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")  # with fullmatch: `$` lets "v1\n" through
 MANIFEST = "manifest.json"
 
 
@@ -68,7 +68,7 @@ class ArtifactStore:
 
     def _dir(self, kind: str, partition: str, version: str | None = None) -> Path:
         for label, seg in (("kind", kind), ("partition", partition), ("version", version or "x")):
-            if not _SEGMENT.match(seg) or seg in (".", ".."):
+            if not _SEGMENT.fullmatch(seg) or seg in (".", ".."):
                 raise ArtifactError(f"Invalid artifact {label} {seg!r}: use letters, digits, . _ -")
         base = self.root / kind / partition
         path = base / version if version else base

@@ -26,8 +26,12 @@ import polars as pl
 
 from warehouse.paths import check_inside
 
-_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
-_VALUE = re.compile(r"^[A-Za-z0-9._^-]+$")
+# Used with fullmatch: `$` would also accept a trailing newline ("A\n").
+_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+# What a partition value (an entity such as BTC-USD or ^GSPC, a version) may be: the folder
+# `<column>=<value>`. Sources are checked against it before anything is stored.
+PARTITION_VALUE = re.compile(r"[A-Za-z0-9._^-]+")
+_VALUE = PARTITION_VALUE
 
 
 class LakeError(ValueError):
@@ -66,7 +70,7 @@ class Lake:
         self.root = Path(root)
 
     def table_dir(self, name: str) -> Path:
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise LakeError(
                 f"Invalid lake table name {name!r}: use lower-case letters, digits and _"
             )
@@ -95,7 +99,7 @@ class Lake:
                 f"Lake table {name!r} has no snapshot under {self.table_dir(name)}; "
                 "materialize it first"
             )
-        if not _VALUE.match(version):
+        if not _VALUE.fullmatch(version):
             raise LakeError(f"Invalid lake version {version!r} for table {name!r}")
         return self.table_dir(name) / f"version={version}"
 
@@ -127,7 +131,7 @@ class Lake:
         for col in (time_column, entity_column):
             if col not in df.columns:
                 raise LakeError(f"Lake table {name!r} needs column {col!r}; it has {df.columns}")
-        bad = [v for v in df[entity_column].unique().to_list() if not _VALUE.match(str(v))]
+        bad = [v for v in df[entity_column].unique().to_list() if not _VALUE.fullmatch(str(v))]
         if bad:
             raise LakeError(f"{entity_column} values {bad} cannot be hive partition values")
         target = self.version_dir(name, version)

@@ -111,7 +111,10 @@ class DataPaths:
             / check_segment(model, "model name")
             / f"{check_segment(version, 'model version')}.pt"
         )
-        return self.inside(path, "the forecast state")
+        # inside the data directory (a forecast_state folder linked elsewhere is refused) and
+        # inside forecast_state itself (a model folder linked into the lake or artifacts is too)
+        self.inside(path, "the forecast state")
+        return check_inside(self.forecast_state, path, "the forecast state")
 
     @property
     def dagster_home(self) -> Path:
