@@ -121,16 +121,14 @@ def publish(
         if failures:
             before = validate_window(table, frame_reader(stored["rows"]), *checked, RULES)
             failures = added_failures(replace(report, outcomes=failures), before)
-        if timeframe != "1d":
-            fine = ohlcv_table(timeframe)
-            bars = check_bars(fine, read(fine, *window).filter(pl.col("symbol").is_in(entities)))
+        if timeframe != "1d":  # the written rows themselves: the rows being published
+            bars = check_bars(ohlcv_table(timeframe), rows)
             failures += [] if bars.success else [bars]
         if failures:
             raise AuditFailure(report, failures)
         if log is not None:
             log(f"Audit of the staged write passed: {report.summary()}")
 
-    entities = list(source.entities)
     write = {"allow_shrink": allow_shrink, "audit": audit, "baseline": baseline}
     start, end = window
     if table == "ohlcv":

@@ -884,7 +884,10 @@ SQL_INTERPOLATIONS = {
     "k",
     "name",
     "pattern",
-    "cols",  # _window_keys: spec.entity_column, spec.time_column and spec.columns, aliased
+    "cols",  # _snapshot: spec.entity_column, spec.time_column and spec.columns, aliased
+    "snap",  # _snapshot's temporary table: _before_ + spec.name
+    "match",  # _refuse_shrink: spec.entity_column and spec.time_column equalities
+    "c",  # _refuse_shrink: a value column of the fixed registry (spec.columns)
 }
 _SQL_WORDS = re.compile(r"\b(SELECT|INSERT|DELETE|CREATE|UPDATE|DROP|WHERE|FROM|IN \(|AND|=)")
 

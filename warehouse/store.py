@@ -123,12 +123,12 @@ class Warehouse:
         with self.connect() as con, _transaction(con):
             if baseline is not None:
                 baseline(_reader(con))
-            before = _window_keys(con, spec, lo, hi, entities)
+            before = None if allow_shrink else _snapshot(con, spec, lo, hi, entities)
             deleted = _delete_window(con, spec, lo, hi, entities)
             incoming = rows.to_arrow()  # noqa: F841 (read by DuckDB's replacement scan)
             con.execute(f"INSERT INTO {spec.name} SELECT * FROM incoming")  # noqa: S608
-            if not allow_shrink:
-                _refuse_shrink(con, spec, lo, hi, entities, before, source)
+            if before is not None:
+                _refuse_shrink(con, spec, lo, hi, before, source)
             if audit is not None:
                 audit(_reader(con))
         return WriteResult(spec.name, deleted, rows.height, self.count(spec.name))
@@ -167,10 +167,12 @@ class Warehouse:
         with self.connect() as con, _transaction(con):
             if baseline is not None:
                 baseline(_reader(con))
-            before = {
-                s.name: _window_keys(con, s, lo, hi, entities)
-                for s in [spec, *(table_spec(ohlcv_table(tf)) for tf in coarser)]
-            }
+            tables = [spec, *(table_spec(ohlcv_table(tf)) for tf in coarser)]
+            before = (
+                {}
+                if allow_shrink
+                else {t.name: _snapshot(con, t, lo, hi, entities) for t in tables}
+            )
             deleted = _delete_window(con, spec, lo, hi, entities)
             incoming = rows.to_arrow()  # noqa: F841 (read by DuckDB's replacement scan)
             con.execute(f"INSERT INTO {spec.name} SELECT * FROM incoming")  # noqa: S608
@@ -188,9 +190,8 @@ class Warehouse:
                     [list(entities), lo, hi],
                 ).fetchall()[0][0]
                 results.append((dst.name, gone, int(made)))
-            if not allow_shrink:
-                for name, keys in before.items():
-                    _refuse_shrink(con, table_spec(name), lo, hi, entities, keys, source)
+            for name, snap in before.items():
+                _refuse_shrink(con, table_spec(name), lo, hi, snap, source)
             if audit is not None:
                 audit(_reader(con))
         return [WriteResult(t, d, n, self.count(t)) for t, d, n in results]
@@ -303,55 +304,53 @@ def _reader(con: duckdb.DuckDBPyConnection) -> Reader:
     return lambda table, start=None, end=None: _read(con, table, start, end)
 
 
-def _window_keys(con: duckdb.DuckDBPyConnection, spec: TableSpec, lo, hi, entities) -> pl.DataFrame:
-    """The rows of `entities` with time in [lo, hi): their keys, as `entity` and `time`, and
-    for tables whose values may be missing (on-chain metrics, macro series; not the bar tables,
-    whose prices the quality rules require) their value columns too."""
+def _snapshot(con: duckdb.DuckDBPyConnection, spec: TableSpec, lo, hi, entities) -> str:
+    """Copy the window's rows of `entities` into a temporary table (in DuckDB, no transfer to
+    Python: a year of minute bars is half a million rows) and return its name. It holds the keys
+    as `entity` and `time`, and for tables whose values may be missing (on-chain metrics, macro
+    series; not the bar tables, whose prices the quality rules require) the value columns too."""
     values = [] if spec.name.startswith("ohlcv") else _value_columns(spec)
     cols = ", ".join([f"{spec.entity_column} AS entity", f"{spec.time_column} AS time", *values])
-    sql = (
-        f"SELECT {cols} FROM {spec.name} "  # noqa: S608
+    snap = f"_before_{spec.name}"
+    # Identifiers come from the fixed table registry; the bounds and entities are bound.
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE {snap} AS SELECT {cols} FROM {spec.name} "  # noqa: S608
         f"WHERE {spec.entity_column} IN (SELECT unnest(?)) "
-        f"AND {spec.time_column} >= ? AND {spec.time_column} < ?"
+        f"AND {spec.time_column} >= ? AND {spec.time_column} < ?",
+        [list(entities), lo, hi],
     )
-    return pl.from_arrow(con.sql(sql, params=[list(entities), lo, hi]).to_arrow_table())
+    return snap
 
 
 def _value_columns(spec: TableSpec) -> list[str]:
     return [c for c in spec.columns if c not in spec.key]
 
 
-def _refuse_shrink(con, spec: TableSpec, lo, hi, entities, before: pl.DataFrame, source) -> None:
-    """Raise ShrinkingWindowError when a row of `before` (the window before the write) is not
-    in the table any more, or a value it held is now missing: the write would delete stored
-    data without replacing it."""
-    after = _window_keys(con, spec, lo, hi, entities)
-    lost = before.join(after, on=["entity", "time"], how="anti")
-    counts = before.group_by("entity").len()
-    held = dict(zip(counts["entity"].to_list(), counts["len"].to_list(), strict=True))
+def _refuse_shrink(con, spec: TableSpec, lo, hi, snap: str, source: str) -> None:
+    """Raise ShrinkingWindowError when a row of the snapshot `snap` (the window before the
+    write) is not in the table any more, or a value it held is now missing: the write would
+    delete stored data without replacing it."""
+    match = f"t.{spec.entity_column} = o.entity AND t.{spec.time_column} = o.time"
+    lost = con.execute(
+        f"SELECT o.entity, count(*), min(o.time), any_value(h.n) FROM {snap} o "  # noqa: S608
+        f"JOIN (SELECT entity, count(*) AS n FROM {snap} GROUP BY 1) h USING (entity) "
+        f"WHERE NOT EXISTS (SELECT 1 FROM {spec.name} t WHERE {match}) GROUP BY 1 ORDER BY 1"
+    ).fetchall()
     problems = []
-    if lost.height:
-        per = lost.group_by("entity", maintain_order=True).agg(
-            pl.len().alias("n"), pl.col("time").min().alias("first")
-        )
-        rows = "; ".join(
-            f"{e}: {n} of its {held[e]} rows, from {first}"
-            for e, n, first in per.sort("entity").iter_rows()
-        )
+    if lost:
+        rows = "; ".join(f"{e}: {n} of its {held} rows, from {first}" for e, n, first, held in lost)
         problems.append(f"delete stored rows that the new data does not replace ({rows})")
-    values = [c for c in before.columns if c not in ("entity", "time")]
-    if values:
-        both = before.join(after, on=["entity", "time"], suffix="_new")
-        blanked = [
-            (c, both.filter(pl.col(c).is_not_null() & pl.col(f"{c}_new").is_null())) for c in values
-        ]
-        shown = "; ".join(
-            f"{c}: {b.height} values, e.g. {b['entity'][0]} at {b['time'].min()}"
-            for c, b in blanked
-            if b.height
-        )
-        if shown:
-            problems.append(f"blank stored values the new data lacks ({shown})")
+    blanked = []
+    for c in _value_columns(spec) if not spec.name.startswith("ohlcv") else []:
+        n, entity, first = con.execute(
+            f"SELECT count(*), min(o.entity), min(o.time) FROM {snap} o "  # noqa: S608
+            f"JOIN {spec.name} t ON {match} WHERE o.{c} IS NOT NULL AND t.{c} IS NULL"
+        ).fetchall()[0]
+        if n:
+            blanked.append(f"{c}: {n} values, e.g. {entity} at {first}")
+    if blanked:
+        problems.append(f"blank stored values the new data lacks ({'; '.join(blanked)})")
+    con.execute(f"DROP TABLE {snap}")
     if problems:
         raise ShrinkingWindowError(
             f"source {source!r} -> table {spec.name!r}: replacing [{lo}, {hi}) would "
