@@ -266,7 +266,7 @@ def test_the_deploy_instance_validates_against_dagsters_instance_schema(tmp_path
     assert config["concurrency"]["runs"]["max_concurrent_runs"] == 4
     assert config["concurrency"]["pools"]["default_limit"] == 1
     assert config["run_monitoring"]["start_timeout_seconds"] == 600
-    assert config["run_monitoring"]["max_resume_run_attempts"] == 2
+    assert config["run_monitoring"]["max_resume_run_attempts"] == 0  # the default launcher's
     assert config["run_launcher"]["config"]["job_image"] == {"env": "MAMBACAST_IMAGE"}
     # the same check refuses a misspelt key, so the success above means something
     (tmp_path / "dagster.yaml").write_text(yaml.safe_dump({**merged, "run_monitorin": {}}))
