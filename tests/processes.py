@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,3 +129,20 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 30) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
     proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def serving_ui(cmd: list[str], env: dict[str, str], port: int, log: Path) -> Iterator[str]:
+    """Run the UI command `cmd` (from ui_command, on `port`) in a session of its own, its output
+    in `log`; yield its base URL once the asset graph loads. The whole process group (webserver,
+    daemon, code servers) is stopped on exit, also when the test fails."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for_asset_graph(base, proc, timeout=180, output=lambda: log.read_text()[-3000:])
+        yield base
+    finally:
+        stop_process_group(proc)

@@ -43,9 +43,8 @@ from tests.processes import (
     ROOT,
     free_port,
     instance_env,
-    stop_process_group,
+    serving_ui,
     ui_command,
-    wait_for_asset_graph,
     with_default_sigint,
 )
 from warehouse.sources import make_source
@@ -167,21 +166,9 @@ def ui(demo, tmp_path_factory):
     together, also when the test fails."""
     port = free_port()
     log = tmp_path_factory.mktemp("browser-ui") / "dagster-dev.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            with_default_sigint(ui_command(port, "dagster", "dev")),
-            cwd=ROOT,
-            env=demo.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for_asset_graph(base, proc, timeout=180, output=lambda: log.read_text()[-3000:])
+    cmd = with_default_sigint(ui_command(port, "dagster", "dev"))
+    with serving_ui(cmd, demo.env, port, log) as base:
         yield base
-    finally:
-        stop_process_group(proc)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import ROOT, free_port, stop_process_group, ui_command, wait_for_asset_graph
+from tests.processes import ROOT, free_port, serving_ui, ui_command
 
 psycopg2 = pytest.importorskip(
     "psycopg2", reason="psycopg2 comes with dagster-postgres (.[deploy])"
@@ -265,19 +265,7 @@ MATERIALIZATIONS = """{ assetsOrError { ... on AssetConnection { nodes {
 def test_the_ui_reads_the_postgres_runs_and_materializations(demo, tmp_path):
     run_ids = {r for (r,) in _rows(demo.server, "SELECT run_id FROM runs")}
     port = free_port()
-    log = tmp_path / "webserver.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            ui_command(port),
-            cwd=ROOT,
-            env=demo.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for_asset_graph(base, proc, timeout=180, output=lambda: log.read_text()[-3000:])
+    with serving_ui(ui_command(port), demo.env, port, tmp_path / "webserver.log") as base:
         runs = _graphql(base, RUNS)["runsOrError"]["results"]
         assert {r["runId"] for r in runs} == run_ids
         assert {r["status"] for r in runs} == {"SUCCESS"}
@@ -289,5 +277,3 @@ def test_the_ui_reads_the_postgres_runs_and_materializations(demo, tmp_path):
         }
         assert set(latest) == _asset_names()
         assert set(latest.values()) <= run_ids
-    finally:
-        stop_process_group(proc)
