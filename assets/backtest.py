@@ -22,7 +22,21 @@ if TYPE_CHECKING:
 
 # the direction forecasters that are traded (constant-probability baselines are not: they would
 # hold one position throughout, which buy-and-hold already shows)
-TRADED = ("mamba2", "lightgbm", "lstm", "gru", "transformer", "cnn_lstm", "ensemble")
+TRADED = (
+    "mamba2",
+    "lightgbm",
+    "lstm",
+    "gru",
+    "transformer",
+    "cnn_lstm",
+    "mamba1",
+    "s4d",
+    "attention_lstm",
+    "random_forest",
+    "xgboost",
+    "ensemble",
+    "rf_xgb_lstm",
+)
 
 
 class BacktestSettings(dg.Config):
@@ -68,7 +82,7 @@ def backtest_grid(cfg: "BacktestConfig") -> pl.DataFrame:
     kinds={"polars", "matplotlib"},
     partitions_def=fold_partitions,
     backfill_policy=SINGLE_RUN,
-    code_version="2",
+    code_version="3",
     description="Per walk-forward fold, on its test window: long/flat/short from p_up - p_down "
     "of each traded forecaster (optionally held for a horizon and volatility-targeted from its "
     "sigma), filled at the next open after fees, slippage and the exit, against buy-and-hold and "

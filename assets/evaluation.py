@@ -48,10 +48,26 @@ def stitched_predictions(warehouse: WarehouseResource, log) -> tuple[pl.DataFram
     if not parts:
         raise dg.Failure(
             "No fold has predictions for the current training dataset: materialize "
-            "model, mamba_model, sequence_baselines and predictions for its folds "
+            "model, mamba_model, sequence_baselines, literature_baselines and predictions for "
+            "its folds "
             f"({[f['key'] for f in meta['folds']]}) first."
         )
     return pl.concat(parts, how="vertical_relaxed"), found, meta
+
+
+def model_parameters(warehouse: WarehouseResource, found: list) -> dict[str, dict]:
+    """Per neural model: its trainable parameter count (the same in every fold: the widths are
+    matched to Mamba2's once per input width), from the artifacts the predictions were built
+    from, with the range over folds if they differ."""
+    store = warehouse.artifacts()
+    counts: dict[str, set[int]] = {}
+    for fold, version in found:
+        sources = store.get("predictions", fold, version).manifest["metadata"].get("sources", {})
+        for kind, source in sources.items():
+            n = store.get(kind, fold, source).manifest["metadata"].get("parameters")
+            if isinstance(n, int):
+                counts.setdefault(kind, set()).add(n)
+    return {k: {"min": min(v), "max": max(v)} for k, v in sorted(counts.items())}
 
 
 @dg.asset(
@@ -59,7 +75,7 @@ def stitched_predictions(warehouse: WarehouseResource, log) -> tuple[pl.DataFram
     group_name="evaluation",
     pool=DUCKDB_POOL,  # refreshes its DuckDB view
     kinds={"polars", "matplotlib"},
-    code_version="2",
+    code_version="3",
     backfill_policy=SINGLE_RUN,
     description="Every fold's test rows: each target (direction, p10/p90, sigma, returns at "
     "1/5/10/30 bars) scored for every forecaster on the same rows, models against every "
@@ -85,6 +101,7 @@ def evaluation(
     results = evaluate(
         long, labels, targets, n_boot=config.n_boot, mcs_reps=config.mcs_reps, log=context.log.info
     )
+    results["parameters"] = model_parameters(warehouse, found)
     cfg = config.backtest.to_ml()
     traded = tuple(n for n in TRADED if n in set(long["forecaster"]))
     frame = backtest_frame(

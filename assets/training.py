@@ -20,7 +20,7 @@ from assets.metadata import frame_summary, table_md
 from assets.partitions import FOLD_MONTHS, SINGLE_RUN, fold_partitions
 from assets.resources import DUCKDB_POOL, WarehouseResource
 from ml.labels import LabelConfig
-from ml.sequence_names import MAMBA2, SEQUENCE_BASELINE_NAMES
+from ml.sequence_names import CLASSIC_BASELINE_NAMES, LITERATURE_BASELINE_NAMES, MAMBA2
 from ml.walkforward import Fold, WalkForwardConfig, assign_fold, walk_forward_folds
 from pipelines.launchers import TrainingLauncher
 from warehouse.artifacts import ArtifactError, content_version, frame_fingerprint
@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 # lake versions kept of the tables whose version changes with the data (dataset, predictions)
 KEEP_VERSIONS = 5
-SEQUENCE_BASELINES = list(SEQUENCE_BASELINE_NAMES)  # lstm, gru, transformer, cnn_lstm
+SEQUENCE_BASELINES = list(CLASSIC_BASELINE_NAMES)  # lstm, gru, transformer, cnn_lstm
+LITERATURE_BASELINES = list(LITERATURE_BASELINE_NAMES)  # mamba1, s4d, attention_lstm
 
 
 class WalkForwardSettings(dg.Config):
@@ -149,11 +150,12 @@ def _targets(meta: dict) -> "TargetSpec":
 @dg.asset(
     deps=[training_dataset],
     group_name="training",
-    kinds={"lightgbm", "polars"},
+    kinds={"lightgbm", "xgboost", "scikitlearn", "polars"},
     partitions_def=fold_partitions,
     backfill_policy=SINGLE_RUN,
-    code_version="3",
-    description="Per walk-forward fold: LightGBM (every target) and the statistical baselines "
+    code_version="4",
+    description="Per walk-forward fold: LightGBM, XGBoost and RandomForest (every target) and "
+    "the statistical baselines "
     "(zero return, climatology, persistence, historical quantiles, EWMA, GARCH(1,1)-t, HAR), "
     "fitted on the fold's training rows; an immutable artifact with their predictions of the "
     "fold's validation and test rows.",
@@ -286,7 +288,7 @@ def mamba_model(
     kinds={"pytorch"},
     partitions_def=fold_partitions,
     backfill_policy=SINGLE_RUN,
-    code_version="2",
+    code_version="3",
     description="Per walk-forward fold: the LSTM, GRU, Transformer and CNN-LSTM baselines at "
     "Mamba2's parameter count, trained through the same trainer, lanes, heads and loss, one "
     "per seed, in a Pipes subprocess.",
@@ -298,6 +300,28 @@ def sequence_baselines(
     training_launcher: TrainingLauncher,
 ) -> dg.MaterializeResult:
     return _run_sequences(context, config, warehouse, training_launcher, SEQUENCE_BASELINES)
+
+
+@dg.asset(
+    deps=[training_dataset],
+    group_name="training",
+    kinds={"pytorch"},
+    partitions_def=fold_partitions,
+    backfill_policy=SINGLE_RUN,
+    code_version="1",
+    description="Per walk-forward fold: the sequence models of the literature Mambacast's users "
+    "come from, at Mamba2's parameter count and through the same trainer, lanes, heads and "
+    "loss: Mamba1 (MambaStock's selective scan), S4D (diagonal state space, S4D-Lin, "
+    "zero-order hold) and the Bitcoin tutorials' LSTM with attention pooling over a window; "
+    "one per seed, in a Pipes subprocess beside the other training steps.",
+)
+def literature_baselines(
+    context: dg.AssetExecutionContext,
+    config: SequenceModelSettings,
+    warehouse: WarehouseResource,
+    training_launcher: TrainingLauncher,
+) -> dg.MaterializeResult:
+    return _run_sequences(context, config, warehouse, training_launcher, LITERATURE_BASELINES)
 
 
 def _past_predictions(store, meta: dict, fold: Fold) -> list:
@@ -322,6 +346,7 @@ def _fold_artifacts(store, key: str, meta: dict) -> list:
     dataset; a clear failure names the asset to materialize otherwise."""
     wanted = {"model": "model", MAMBA2: "mamba_model"}
     wanted.update(dict.fromkeys(SEQUENCE_BASELINES, "sequence_baselines"))
+    wanted.update(dict.fromkeys(LITERATURE_BASELINES, "literature_baselines"))
     arts = []
     for kind, asset in wanted.items():
         try:
@@ -341,23 +366,29 @@ def _fold_artifacts(store, key: str, meta: dict) -> list:
 
 
 @dg.asset(
-    deps=[model, mamba_model, sequence_baselines],
+    deps=[model, mamba_model, sequence_baselines, literature_baselines],
     group_name="training",
     kinds={"polars", "parquet"},
     partitions_def=fold_partitions,
     backfill_policy=SINGLE_RUN,
-    code_version="3",
+    code_version="4",
     description="Per walk-forward fold: every forecaster's predictions of the fold's "
     "validation and test rows in one table, neural models as each seed and their mean, plus "
     "the ensemble (weights fitted on the earlier folds' out-of-sample rows whose labels end "
     "before this fold's validation end; the first fold's is the simple average) and the simple "
-    "average.",
+    "average, and the RandomForest + XGBoost + LSTM ensemble of the tutorials (weights fitted "
+    "on this fold's validation rows) with its simple average.",
 )
 def predictions(
     context: dg.AssetExecutionContext, warehouse: WarehouseResource
 ) -> dg.MaterializeResult:
     from ml.forecasters.base import FORECASTERS_CODE_VERSION
-    from ml.walkforward_run import ASSEMBLY_CODE_VERSION, seed_means, with_ensembles
+    from ml.walkforward_run import (
+        ASSEMBLY_CODE_VERSION,
+        seed_means,
+        with_ensembles,
+        with_rf_xgb_lstm,
+    )
 
     lake, store = warehouse.lake(), warehouse.artifacts()
     meta = lake.read_meta("training_dataset")
@@ -395,6 +426,8 @@ def predictions(
                 else None
             )
             long, weights = with_ensembles(long, history, labels, targets)
+            long, tutorial = with_rf_xgb_lstm(long, labels, targets)
+            weights.update(tutorial)
             long.write_parquet(folder / "predictions.parquet")
             (folder / "ensemble_weights.json").write_text(json.dumps(weights, indent=2))
             info.update(

@@ -8,7 +8,9 @@ Figures (batch 1, float32 on CPU; on CUDA the Trainer's default bf16 autocast is
 so the backends are compared on the same numbers):
 - tokens_per_s: forward + backward tokens/s of the Forecaster (Mamba2, torch backend), an LSTM
   and a causal transformer (SDPA, full attention over L: its window covers the whole sequence),
-  the two baselines from ml.sequence_baselines at the Forecaster's parameter count. A run whose
+  and (--models) Mamba1 (pure-PyTorch selective scan), S4D (FFT convolution) and, on request,
+  the windowed attention-LSTM, the baselines from ml.sequence_baselines at the Forecaster's
+  parameter count. A run whose
   time, extrapolated from the previous length (linear; quadratic for attention), would pass
   --max-run-seconds is skipped, as is one that runs out of memory; the reason is recorded.
 - tbptt_peak_mem_ratio: peak memory of TBPTT training (the trainer's chunk loop: forward with the
@@ -351,6 +353,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--preset", default="baseline", help="Forecaster preset for throughput/step")
     ap.add_argument("--d-model", type=int, default=0, help="override the preset's d_model")
     ap.add_argument("--lengths", default="1024,4096,16384")
+    ap.add_argument(
+        "--models",
+        default="mamba1,s4d",
+        help="models timed beside mamba2, lstm and transformer_sdpa: mamba1, s4d, attention_lstm "
+        "(comma-separated; '' none). attention_lstm runs an LSTM over a 64-bar window at every "
+        "position: at the baseline preset and L=16384 its activations alone need ~20 GB",
+    )
     ap.add_argument("--repeats", type=int, default=3, help="timed forward+backward per length")
     ap.add_argument("--max-run-seconds", type=float, default=300.0)
     ap.add_argument("--steps-short", type=int, default=16_384)
@@ -383,6 +392,7 @@ def main() -> None:
         print(json.dumps(tbptt_run(args, args.tbptt_worker, device)))
         return
     lengths = [int(v) for v in args.lengths.split(",") if v]
+    args.models = [m for m in args.models.split(",") if m]
     started = time.perf_counter()
     result: dict[str, Any] = {
         "benchmark": "mamba",
@@ -404,6 +414,10 @@ def main() -> None:
     models["transformer_sdpa"] = SequenceBaseline(
         SequenceBaselineConfig.like(bb, "transformer", attn_window=max(lengths))
     )
+    # the other state-space layers (pure PyTorch scans) and the windowed attention-LSTM
+    for kind in ("mamba1", "s4d", "attention_lstm"):
+        if kind in args.models:
+            models[kind] = SequenceBaseline(SequenceBaselineConfig.like(bb, kind))  # type: ignore[arg-type]
     for model in models.values():
         model.to(device)
     config = {

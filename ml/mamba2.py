@@ -438,7 +438,8 @@ class Mamba2(nn.Module):
 
         # causal depthwise conv whose left context is the carried conv_state, not zeros
         window = torch.cat([state.conv_state.to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)
-        conv_state = window[..., window.size(-1) - (cfg.d_conv - 1) :]  # (B, conv_dim, K-1)
+        # a copy: a view would keep the whole chunk's window alive with the state
+        conv_state = window[..., window.size(-1) - (cfg.d_conv - 1) :].clone()  # (B, conv_dim, K-1)
         xBC = F.conv1d(window, self.conv1d.weight, self.conv1d.bias, groups=cfg.conv_dim)
         xBC = F.silu(xBC).transpose(1, 2)  # (B, L, conv_dim)
 

@@ -49,7 +49,7 @@ LOSS_NAMES = {
 }
 MCS_MARK = "\u2605"  # the star that marks members of the 90% Model Confidence Set
 # part of the evaluation artifact's version: bump when the report's content changes
-REPORT_CODE_VERSION = "1"
+REPORT_CODE_VERSION = "2"
 SIGNIFICANCE = 0.05  # DM p-value below which, with the interval, a difference is called
 
 # One fixed look per name across every figure: the models stand out (strong colours, thick
@@ -820,6 +820,26 @@ def _backtest(table: pl.DataFrame | None, models: set[str]) -> str:
     return "\n".join(out)
 
 
+def _parameters(results: dict) -> str:
+    """The neural models' trainable parameter counts (matched to Mamba2's), if recorded."""
+    counts = results.get("parameters") or {}
+    if not counts:
+        return ""
+    rows = []
+    for name, c in sorted(counts.items(), key=lambda kv: kv[1]["max"]):
+        n = f"{c['min']:,}" if c["min"] == c["max"] else f"{c['min']:,} .. {c['max']:,}"
+        rows.append(f"<tr>{_cell(_e(name), 'name')}{_cell(n)}</tr>")
+    return (
+        "<h2>Neural models' sizes</h2>"
+        '<p class="note">Trainable parameters: every baseline\'s width is chosen so that its '
+        "count is as close as its width step allows to Mamba2's, so the comparison is one of "
+        "sequence mixers, not of sizes.</p><table>"
+        + _head(["model", "parameters"])
+        + "".join(rows)
+        + "</table>"
+    )
+
+
 def _page(
     results: dict, pngs: Mapping[str, bytes], backtest_table: pl.DataFrame | None, title: str
 ) -> str:
@@ -834,6 +854,7 @@ def _page(
         _summary(results),
         "<h2>How to read this</h2>",
         f"<p>{_HOW_TO_READ}</p>",
+        _parameters(results),
     ]
     for name, r in results.get("targets", {}).items():
         parts.append(_target_section(name, r, models))

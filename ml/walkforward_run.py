@@ -15,11 +15,16 @@ from collections.abc import Callable, Sequence
 import polars as pl
 
 from ml.forecasters import ALL_TARGETS, REGISTRY, FoldData, TargetSpec
-from ml.forecasters.ensemble import combine, equal_weights, fit_ensemble
+from ml.forecasters.ensemble import (
+    NoValidationRowsError,
+    combine,
+    equal_weights,
+    fit_ensemble,
+)
 
 KEYS = ["symbol", "ts"]
 # part of every predictions artifact's version: bump when seed means or ensembles change
-ASSEMBLY_CODE_VERSION = "2"
+ASSEMBLY_CODE_VERSION = "3"
 
 
 def prediction_columns(targets: TargetSpec) -> list[str]:
@@ -105,7 +110,10 @@ def seed_means(long: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-ENSEMBLES = ("ensemble", "ensemble_equal")
+# the RF + XGB + LSTM weighted ensemble of the common Bitcoin tutorials, and its simple average
+RF_XGB_LSTM, RF_XGB_LSTM_EQUAL = "rf_xgb_lstm", "rf_xgb_lstm_equal"
+RF_XGB_LSTM_MEMBERS = ("random_forest", "xgboost", "lstm")
+ENSEMBLES = ("ensemble", "ensemble_equal", RF_XGB_LSTM, RF_XGB_LSTM_EQUAL)
 
 
 def _members(long: pl.DataFrame) -> dict[str, pl.DataFrame]:
@@ -156,6 +164,52 @@ def with_ensembles(
         "ensemble": fitted.to_json(),
         "ensemble_fitted_on_rows": fitted_on,
         "ensemble_equal": equal.to_json(),
+    }
+
+
+def with_rf_xgb_lstm(
+    long: pl.DataFrame, labels: pl.DataFrame, targets: TargetSpec
+) -> tuple[pl.DataFrame, dict]:
+    """Add `rf_xgb_lstm`, the tutorials' RandomForest + XGBoost + LSTM ensemble (the LSTM as its
+    seed mean), with its weights fitted on this fold's VALIDATION rows only, as the tutorials
+    fit theirs, and `rf_xgb_lstm_equal`, the simple average of the three.
+
+    No test row takes part in the weights, so the test rows stay out of sample. The validation
+    rows are not clean for every member, which is why the main `ensemble` is fitted on earlier
+    folds instead (`with_ensembles`): XGBoost and the LSTM early-stop on them and look better
+    there than out of sample, so the fitted weights lean towards them; the RandomForest does not
+    use validation rows. A fold without all three members gets neither (the reason is returned
+    as `rf_xgb_lstm_skipped`); one without a validation row holding every label and prediction
+    of some target gets the simple average as `rf_xgb_lstm` too (`rf_xgb_lstm_fallback` says
+    why).
+
+    `long` must already hold the seed means; `labels` gives the label columns per (symbol, ts)."""
+    wide = _members(long)
+    missing = [m for m in RF_XGB_LSTM_MEMBERS if m not in wide]
+    if missing:
+        return long, {
+            RF_XGB_LSTM: None,
+            f"{RF_XGB_LSTM}_skipped": f"no {missing} predictions in this fold",
+        }
+    members = {m: wide[m].drop("split") for m in RF_XGB_LSTM_MEMBERS}
+    split = wide[RF_XGB_LSTM_MEMBERS[0]].select([*KEYS, "split"])
+    val_labels = labels.join(split.filter(pl.col("split") == "val").select(KEYS), on=KEYS)
+    equal = equal_weights(members, targets)
+    fallback = None
+    try:
+        fitted = fit_ensemble(members, val_labels, targets)
+    except NoValidationRowsError as err:  # nothing to fit on: the simple average, and why
+        fitted, fallback = equal, str(err)
+    fold = long["fold"][0]
+    out = [long]
+    for name, weights in ((RF_XGB_LSTM, fitted), (RF_XGB_LSTM_EQUAL, equal)):
+        frame = split.join(combine(members, weights), on=KEYS, how="left", maintain_order="left")
+        out.append(to_long(frame.drop("split"), name, None, fold, split, targets))
+    return pl.concat(out, how="vertical_relaxed"), {
+        RF_XGB_LSTM: fitted.to_json(),
+        f"{RF_XGB_LSTM}_fitted_on_rows": 0 if fallback else val_labels.height,
+        f"{RF_XGB_LSTM}_fallback": fallback,
+        RF_XGB_LSTM_EQUAL: equal.to_json(),
     }
 
 

@@ -18,6 +18,7 @@ from assets.partitions import fold_partitions, ingest_partitions
 from assets.quality import QUALITY_CHECKS
 from assets.resources import MarketSourcesResource, WarehouseResource
 from assets.training import (
+    literature_baselines,
     mamba_model,
     model,
     predictions,
@@ -36,6 +37,7 @@ ALL_ASSETS = [
     model,
     mamba_model,
     sequence_baselines,
+    literature_baselines,
     predictions,
     backtest,
     evaluation,
@@ -167,7 +169,7 @@ def default_resources(data_dir: str | None = None) -> dict[str, dg.ConfigurableR
     root = data_dir or os.environ.get("MAMBACAST_DATA_DIR") or DEFAULT_DATA_DIR
     return {
         "warehouse": WarehouseResource(data_dir=str(Path(root).expanduser().resolve())),
-        # Where mamba_model and sequence_baselines train: a Pipes subprocess beside the step by
+        # Where mamba_model, sequence_baselines and literature_baselines train: a Pipes subprocess beside the step by
         # default, a Kubernetes pod with `kind: k8s` (deploy/k8s/pipes_training.yaml)
         "training_launcher": TrainingLauncher(),
         # The key is passed as an EnvVar reference, so the UI shows the name, never the value.

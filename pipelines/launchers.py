@@ -1,7 +1,7 @@
-"""Where the sequence-model training runs: the `training_launcher` resource of `mamba_model` and
-`sequence_baselines`.
+"""Where the sequence-model training runs: the `training_launcher` resource of `mamba_model`,
+`sequence_baselines` and `literature_baselines`.
 
-Both assets hand the same Pipes launch (`python -m pipelines.train_sequences`, its settings as
+The three assets hand the same Pipes launch (`python -m pipelines.train_sequences`, its settings as
 Pipes extras, its materialization reported back) to this resource, which starts it
 
 - `kind: subprocess` (the default): as a process beside the step, through

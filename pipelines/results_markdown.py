@@ -4,7 +4,8 @@
 
 Prints one Markdown table per target (every forecaster on the same test rows, sorted by the
 target's primary loss; neural models as their seed-mean forecast with the mean +- std of the
-single seeds beside it; "90% MCS": not significantly worse than the best at 90%), then each
+single seeds beside it; "90% MCS": not significantly worse than the best at 90%), after the
+neural models' parameter counts, then each
 neural model's comparisons with the baselines (Diebold-Mariano, Holm-adjusted), and the
 backtest's total returns.
 """
@@ -75,6 +76,18 @@ def comparisons(t: dict, model: str = "mamba2") -> str:
     return "\n".join(out)
 
 
+def parameters_table(report: dict) -> str:
+    """The neural models' trainable parameter counts, smallest first."""
+    counts = report.get("parameters") or {}
+    if not counts:
+        return ""
+    lines = ["| model | parameters |", "|---|---|"]
+    for name, c in sorted(counts.items(), key=lambda kv: kv[1]["max"]):
+        n = f"{c['min']:,}" if c["min"] == c["max"] else f"{c['min']:,} .. {c['max']:,}"
+        lines.append(f"| {name} | {n} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("report", type=Path)
@@ -82,6 +95,10 @@ def main() -> None:
     args = ap.parse_args()
     report = json.loads(args.report.read_text())
     targets = report["targets"]
+    sizes = parameters_table(report)
+    if sizes:
+        print(sizes)
+        print()
     for name in args.targets or list(targets):
         print(target_table(targets[name]))
         print()

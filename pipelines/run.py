@@ -30,7 +30,10 @@ from warehouse import ArtifactStore, DataPaths, Lake
 
 # the fold assets over the folds, then (unpartitioned) the evaluation of every fold and the
 # newest model's latest forecast
-FOLD_ASSETS = "model,mamba_model,sequence_baselines,predictions,backtest,evaluation,latest_forecast"
+FOLD_ASSETS = (
+    "model,mamba_model,sequence_baselines,literature_baselines,predictions,backtest,evaluation,"
+    "latest_forecast"
+)
 HEARTBEAT_S = 30  # seconds without progress after which a "still running" line is printed
 # lines of the dagster CLI's log worth showing as progress
 PROGRESS = re.compile(
@@ -121,6 +124,7 @@ def run_graph(
         "ops": {
             "mamba_model": {"config": sequence},
             "sequence_baselines": {"config": baselines or sequence},
+            "literature_baselines": {"config": baselines or sequence},
         }
     }
     _materialize(FOLD_ASSETS, log, folds, fold_config)

@@ -1,7 +1,7 @@
-"""Train the sequence models (Mamba2 and the LSTM, GRU, Transformer, CNN-LSTM baselines) of
-some walk-forward folds in their own process, launched by the `mamba_model` and
-`sequence_baselines` assets through Dagster Pipes (so the same command can run on a GPU host),
-or by hand:
+"""Train the sequence models (Mamba2 and the LSTM, GRU, Transformer, CNN-LSTM, Mamba1, S4D and
+attention-LSTM baselines) of some walk-forward folds in their own process, launched by the
+`mamba_model` and `sequence_baselines` assets through Dagster Pipes (so the same command can run
+on a GPU host), or by hand:
 
     python -m pipelines.train_sequences --data-dir data --folds 2023 2024 --models mamba2 --seeds 0 1 2
 

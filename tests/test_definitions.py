@@ -19,7 +19,8 @@ EXPECTED_GRAPH = {
     "model": ["training_dataset"],
     "mamba_model": ["training_dataset"],
     "sequence_baselines": ["training_dataset"],
-    "predictions": ["mamba_model", "model", "sequence_baselines"],
+    "literature_baselines": ["training_dataset"],
+    "predictions": ["literature_baselines", "mamba_model", "model", "sequence_baselines"],
     "backtest": ["predictions"],
     "evaluation": ["backtest", "predictions"],
     "latest_forecast": ["features", "labels", "mamba_model", "training_dataset"],
@@ -27,15 +28,29 @@ EXPECTED_GRAPH = {
 EXPECTED_GROUPS = {
     "ingest": {"ohlcv_bars", "onchain_metrics", "macro_series"},
     "features": {"features", "labels"},
-    "training": {"training_dataset", "model", "mamba_model", "sequence_baselines", "predictions"},
+    "training": {
+        "training_dataset",
+        "model",
+        "mamba_model",
+        "sequence_baselines",
+        "literature_baselines",
+        "predictions",
+    },
     "backtest": {"backtest"},
     "evaluation": {"evaluation"},
     "forecast": {"latest_forecast"},
 }
-FOLD_ASSETS = {"model", "mamba_model", "sequence_baselines", "predictions", "backtest"}
+FOLD_ASSETS = {
+    "model",
+    "mamba_model",
+    "sequence_baselines",
+    "literature_baselines",
+    "predictions",
+    "backtest",
+}
 # what the assets compute with; loading the definitions (every CLI call, the forkserver of every
 # run) must not pay for it
-TRAINING_STACK = ("torch", "arch", "scipy", "matplotlib", "lightgbm", "sklearn")
+TRAINING_STACK = ("torch", "arch", "scipy", "matplotlib", "lightgbm", "sklearn", "xgboost")
 
 
 def test_asset_graph_has_the_expected_keys_and_edges():

@@ -18,6 +18,7 @@ from ml.features import FeatureConfig
 from ml.forecasters import TargetSpec, fold_data
 from ml.forecasters.neural import SequenceForecaster, SequenceSettings
 from ml.labels import LabelConfig
+from ml.sequence_names import SEQUENCE_MODEL_NAMES
 from ml.walkforward import Fold, assign_fold
 from pipelines.definitions import ALL_ASSETS, default_resources
 from pipelines.report import report
@@ -28,11 +29,22 @@ from warehouse.sources.synthetic import SyntheticOHLCV
 START, END = "2016", "2021"  # ingest (year) partitions
 FOLDS = ("2020", "2021")  # the last two walk-forward folds of that range
 UPSTREAM = dg.AssetSelection.assets("training_dataset").upstream()
-FOLD_ASSETS = ["model", "mamba_model", "sequence_baselines", "predictions", "backtest"]
+FOLD_ASSETS = [
+    "model",
+    "mamba_model",
+    "sequence_baselines",
+    "literature_baselines",
+    "predictions",
+    "backtest",
+]
 # small and quick: one epoch, two seeds
 SEQUENCE = {"epochs": 1, "tbptt_len": 256, "seeds": [0, 1], "patience": 1}
 FOLD_CONFIG = {
-    "ops": {"mamba_model": {"config": SEQUENCE}, "sequence_baselines": {"config": SEQUENCE}}
+    "ops": {
+        "mamba_model": {"config": SEQUENCE},
+        "sequence_baselines": {"config": SEQUENCE},
+        "literature_baselines": {"config": SEQUENCE},
+    }
 }
 EVERYTHING = [*ALL_ASSETS, *QUALITY_CHECKS, *LEAKAGE_CHECKS]
 ASSET_NAMES = {a.key.to_user_string() for a in ALL_ASSETS}
@@ -122,7 +134,7 @@ def test_outputs_are_in_the_lake_and_artifact_store(built):
             assert n == lake.read(table).height > 0, table
     arts = ArtifactStore(paths.artifacts)
     for fold in FOLDS:
-        for kind in ("model", "mamba2", "lstm", "gru", "transformer", "cnn_lstm", "predictions"):
+        for kind in ("model", "predictions", *SEQUENCE_MODEL_NAMES):
             arts.verify(arts.latest(kind, fold))
         backtest = arts.latest("backtest", fold)
         assert backtest.file("equity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -160,12 +172,28 @@ def test_evaluation_scores_every_target_for_every_forecaster_on_the_same_test_ro
         r = results["targets"][name]
         assert r["rows"] > 100, name
         assert r["period"][0] >= f"{first_test:%Y-%m-%d}"
-        assert {"mamba2", "lightgbm", "ensemble", "ensemble_equal", "lstm"} <= set(r["metrics"])
+        assert {
+            "mamba2",
+            "lightgbm",
+            "ensemble",
+            "ensemble_equal",
+            "rf_xgb_lstm",
+            "rf_xgb_lstm_equal",
+            "random_forest",
+            "xgboost",
+            *SEQUENCE_MODEL_NAMES,
+        } <= set(r["metrics"])
         assert set(r["mcs"]["pvalues"]) == set(r["metrics"])
         assert {c["baseline"] for c in r["comparisons"] if c["model"] == "mamba2"} == set(
             r["metrics"]
         ) - {"mamba2"}
         assert len(r["seeds"]["mamba2"]["seeds"]) == 2
+    # the neural models are compared at matched sizes: every count within 10% of Mamba2's
+    sizes = results["parameters"]
+    assert set(SEQUENCE_MODEL_NAMES) <= set(sizes)
+    target = sizes["mamba2"]["max"]
+    for name in SEQUENCE_MODEL_NAMES:
+        assert abs(sizes[name]["max"] / target - 1) < 0.1, (name, sizes[name], target)
     direction = results["targets"]["direction_90"]
     assert {"climatology", "persistence", "zero_return"} <= set(direction["metrics"])
     sigma = results["targets"]["sigma_30"]
@@ -191,7 +219,7 @@ def test_no_prediction_row_lies_inside_or_within_the_purge_of_its_models_trainin
     data = lake.read("training_dataset")
     for key in FOLDS:
         preds = pl.read_parquet(arts.latest("predictions", key).file("predictions.parquet"))
-        for kind in ("model", "mamba2", "lstm", "gru", "transformer", "cnn_lstm"):
+        for kind in ("model", *SEQUENCE_MODEL_NAMES):
             art = arts.latest(kind, key)
             fold = Fold.from_json(art.manifest["metadata"]["fold"])
             rows = assign_fold(data, fold)

@@ -41,12 +41,16 @@ DAGSTER = str(Path(sys.executable).parent / "dagster")
 # settings than the demo's: one seed and one epoch, fewer bootstrap resamples.
 DEMO_RANGE, FOLDS = "2019...2024", "2023...2024"
 UPSTREAM = "*training_dataset"
-FOLD_ASSETS = "model,mamba_model,sequence_baselines,predictions,backtest,evaluation,latest_forecast"
+FOLD_ASSETS = (
+    "model,mamba_model,sequence_baselines,literature_baselines,predictions,backtest,evaluation,"
+    "latest_forecast"
+)
 SEQUENCE = {"seeds": [0], "epochs": 1, "patience": 1}
 FOLD_CONFIG = {
     "ops": {
         "mamba_model": {"config": SEQUENCE},
         "sequence_baselines": {"config": SEQUENCE},
+        "literature_baselines": {"config": SEQUENCE},
         "evaluation": {"config": {"n_boot": 200, "mcs_reps": 200}},
     }
 }

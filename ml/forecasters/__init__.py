@@ -37,4 +37,4 @@ __all__ = [
     "fold_data",
     "register",
 ]
-from ml.forecasters import lightgbm  # noqa: F401 (registers)
+from ml.forecasters import lightgbm, random_forest, xgboost  # noqa: F401 (registers)

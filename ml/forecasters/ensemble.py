@@ -40,6 +40,10 @@ KEYS = ["symbol", "ts"]
 EPS = 1e-12
 
 
+class NoValidationRowsError(ValueError):
+    """No validation row has a label and every member's prediction for some group."""
+
+
 @dataclass(frozen=True)
 class EnsembleWeights:
     """`weights[group][member]`: the weight of each member taking part in a group (a target, or
@@ -89,7 +93,7 @@ def fit_ensemble(
             )
         y, stack = _validation_arrays(val_predictions, val_labels, members, cols, label)
         if y.size == 0:
-            raise ValueError(
+            raise NoValidationRowsError(
                 f"No validation row has a finite {label!r} and a prediction of every member "
                 f"{members} for {group!r}; check the members predict the validation rows"
             )
