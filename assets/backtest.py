@@ -15,6 +15,7 @@ from assets.metadata import png_md, table_md
 from assets.partitions import SINGLE_RUN, fold_partitions
 from assets.resources import WarehouseResource
 from assets.training import _fold, predictions
+from ml.sequence_names import SEQUENCE_BASELINE_NAMES
 from warehouse.artifacts import content_version, frame_fingerprint
 
 if TYPE_CHECKING:
@@ -25,13 +26,7 @@ if TYPE_CHECKING:
 TRADED = (
     "mamba2",
     "lightgbm",
-    "lstm",
-    "gru",
-    "transformer",
-    "cnn_lstm",
-    "mamba1",
-    "s4d",
-    "attention_lstm",
+    *SEQUENCE_BASELINE_NAMES,
     "random_forest",
     "xgboost",
     "ensemble",

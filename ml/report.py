@@ -49,7 +49,7 @@ LOSS_NAMES = {
 }
 MCS_MARK = "\u2605"  # the star that marks members of the 90% Model Confidence Set
 # part of the evaluation artifact's version: bump when the report's content changes
-REPORT_CODE_VERSION = "2"
+REPORT_CODE_VERSION = "3"
 SIGNIFICANCE = 0.05  # DM p-value below which, with the interval, a difference is called
 
 # One fixed look per name across every figure: the models stand out (strong colours, thick
@@ -65,6 +65,19 @@ _STYLES = {
     "har": {"color": "#8c564b", "lw": 1.3, "ls": "-"},
     "buy_and_hold": {"color": "#000000", "lw": 1.4, "ls": "--"},
     "momentum": {"color": "#7f7f7f", "lw": 1.4, "ls": "-."},
+    # the other sequence models: state-space models solid, recurrent ones dashed, attention
+    # dotted; the tree models and the tutorials' ensemble in earth tones
+    "mamba1": {"color": "#ff9896", "lw": 1.5, "ls": "-"},
+    "s4d": {"color": "#e377c2", "lw": 1.4, "ls": "-"},
+    "lstm": {"color": "#98df8a", "lw": 1.3, "ls": "--"},
+    "gru": {"color": "#bcbd22", "lw": 1.3, "ls": "--"},
+    "cnn_lstm": {"color": "#17becf", "lw": 1.3, "ls": "--"},
+    "attention_lstm": {"color": "#ffbb78", "lw": 1.4, "ls": "-."},
+    "transformer": {"color": "#aec7e8", "lw": 1.3, "ls": ":"},
+    "random_forest": {"color": "#c49c94", "lw": 1.3, "ls": "-"},
+    "xgboost": {"color": "#393b79", "lw": 1.3, "ls": "-"},
+    "rf_xgb_lstm": {"color": "#637939", "lw": 1.6, "ls": "-"},
+    "rf_xgb_lstm_equal": {"color": "#b5cf6b", "lw": 1.4, "ls": "-"},
 }
 _OTHER_COLORS = ("#17becf", "#bcbd22", "#e377c2", "#aec7e8", "#98df8a", "#ffbb78")
 
@@ -154,7 +167,7 @@ def plot_equity_drawdown(paths: pl.DataFrame, title: str = "Equity and drawdown"
     order = paths["strategy"].unique(maintain_order=True).to_list()  # legend in input order
     symbols = paths["symbol"].unique(maintain_order=True).to_list()
     paths = add_drawdown(paths)
-    fig = _new_figure(10, 4.6 * len(symbols))
+    fig = _new_figure(13, 4.6 * len(symbols))
     axes = fig.subplots(2 * len(symbols), 1, squeeze=False, height_ratios=[2.4, 1] * len(symbols))
     for i, symbol in enumerate(symbols):
         ax_eq, ax_dd = axes[2 * i, 0], axes[2 * i + 1, 0]
@@ -175,7 +188,8 @@ def plot_equity_drawdown(paths: pl.DataFrame, title: str = "Equity and drawdown"
         _log_ticks(ax_eq)
         ax_eq.set_title(f"{symbol}: equity by strategy")
         ax_eq.set_ylabel("equity (\u00d7 start, log scale)")
-        ax_eq.legend(loc="upper left", fontsize=8)
+        # beside the panel: with a dozen strategies a legend inside hides the lines
+        ax_eq.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
         ax_eq.tick_params(labelbottom=False)
         ax_dd.set_ylabel("drawdown (%)")
         ax_dd.set_xlabel("date")

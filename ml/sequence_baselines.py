@@ -49,17 +49,10 @@ from ml.backbone import (
 )
 from ml.mamba1 import Mamba1, Mamba1Config
 from ml.s4d import S4D, S4DConfig
+from ml.sequence_names import SEQUENCE_BASELINE_NAMES
 
 Kind = Literal["lstm", "gru", "transformer", "cnn_lstm", "mamba1", "s4d", "attention_lstm"]
-KINDS: tuple[Kind, ...] = (
-    "lstm",
-    "gru",
-    "transformer",
-    "cnn_lstm",
-    "mamba1",
-    "s4d",
-    "attention_lstm",
-)
+KINDS: tuple[Kind, ...] = SEQUENCE_BASELINE_NAMES  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)

@@ -433,3 +433,27 @@ def test_the_quantile_target_reports_a_coverage_interval(results):
         if name.startswith("quantiles"):
             for m in r["metrics"].values():
                 assert 0 <= m["coverage_ci95_low"] <= m["coverage"] <= m["coverage_ci95_high"] <= 1
+
+
+def test_html_and_markdown_list_the_neural_models_parameter_counts(results, figures):
+    """The report says how big each neural model is, smallest first, with a range when the
+    folds differ; the README tables come from the same JSON."""
+    from pipelines.results_markdown import parameters_table
+
+    sized = {
+        **results,
+        "parameters": {
+            "mamba2": {"min": 36099, "max": 36099},
+            "s4d": {"min": 36011, "max": 36011},
+            "lstm": {"min": 36100, "max": 36139},
+        },
+    }
+    page = render_html(sized, figures)
+    section = page[page.index("Neural models' sizes") :]
+    assert section.index("s4d") < section.index("mamba2") < section.index("lstm")
+    assert "36,100 .. 36,139" in section and "36,099" in section
+    table = parameters_table(sized)
+    assert table.splitlines()[2] == "| s4d | 36,011 |"
+    assert "| lstm | 36,100 .. 36,139 |" in table
+    assert "Neural models' sizes" not in render_html(results, figures)  # none recorded
+    assert parameters_table(results) == ""

@@ -115,10 +115,18 @@ def test_step_equals_full_forward_at_every_position(kind: str) -> None:
             assert_outputs_close(out, {k: v[:, t] for k, v in full.items()})
 
 
-def test_attention_sees_exactly_its_window() -> None:
-    """A change at position 0 moves outputs up to position `window` of the first layer's
-    receptive field, never beyond (one layer, so the receptive field is the window)."""
-    model = small_model("transformer", n_layers=1, attn_window=6)
+@pytest.mark.parametrize(
+    ("kind", "overrides", "reach"),
+    [
+        # one layer: query t sees keys t - window .. t, so a change at 0 reaches position 6
+        ("transformer", {"n_layers": 1, "attn_window": 6}, 7),
+        # the windowed baseline: an LSTM over the last lstm_window bars, one block
+        ("attention_lstm", {"lstm_window": 6}, 6),
+    ],
+)
+def test_windowed_mixers_see_exactly_their_window(kind: str, overrides: dict, reach: int) -> None:
+    """A change at position 0 moves the forecasts at positions 0 .. reach - 1 and none after."""
+    model = small_model(kind, **overrides)
     x = torch.randn(1, 20, N_FEATURES)
     x2 = x.clone()
     x2[:, 0] += 3.0
@@ -126,21 +134,7 @@ def test_attention_sees_exactly_its_window() -> None:
         a, _ = model(x)
         b, _ = model(x2)
     moved = (a["returns"] - b["returns"]).abs().amax(-1)[0] > 1e-6
-    assert moved[:7].all() and not moved[7:].any()
-
-
-def test_attention_lstm_sees_exactly_its_window() -> None:
-    """The windowed baseline: a change at position 0 moves the forecasts at positions
-    0 .. lstm_window - 1 and none after (one block, so nothing else carries it further)."""
-    model = small_model("attention_lstm", lstm_window=6)
-    x = torch.randn(1, 20, N_FEATURES)
-    x2 = x.clone()
-    x2[:, 0] += 3.0
-    with torch.no_grad():
-        a, _ = model(x)
-        b, _ = model(x2)
-    moved = (a["returns"] - b["returns"]).abs().amax(-1)[0] > 1e-6
-    assert moved[:6].all() and not moved[6:].any()
+    assert moved[:reach].all() and not moved[reach:].any()
 
 
 def test_attention_lstm_pools_with_softmax_weights_over_a_fresh_lstm() -> None:
