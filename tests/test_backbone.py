@@ -2,7 +2,6 @@
 with a carried window), the masked multi-task loss, and a smoke test that it can learn."""
 
 import math
-import time
 
 import pytest
 import torch
@@ -199,7 +198,6 @@ def test_tiny_model_overfits_a_small_batch() -> None:
     x = torch.randn(4, 32, 8)
     targets = random_targets(4, 32, len(cfg.horizons), seed=1)
     opt = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()], lr=3e-3)
-    start = time.perf_counter()
     history = []
     for _ in range(300):
         out, _ = model(x)
@@ -208,10 +206,8 @@ def test_tiny_model_overfits_a_small_batch() -> None:
         total.backward()
         opt.step()
         history.append(sum(p.item() for p in parts.values()))  # unweighted: comparable over time
-    elapsed = time.perf_counter() - start
-    print(f"unweighted loss {history[0]:.3f} -> {history[-1]:.3f} in {elapsed:.1f} s")
+    # (speed is benchmarks/mamba.py's business: a wall-clock limit here fails on a loaded box)
     assert history[-1] < 0.5 * history[0], (history[0], history[-1])
-    assert elapsed < 30, elapsed
 
 
 def test_calibrated_heads_start_at_the_training_targets_constants() -> None:

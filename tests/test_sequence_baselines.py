@@ -5,7 +5,6 @@ and `-k attention_lstm` select each model's tests."""
 
 import dataclasses
 import math
-import time
 
 import pytest
 import torch
@@ -231,11 +230,9 @@ def test_tiny_baseline_trains_with_the_tbptt_trainer(kind: str) -> None:
 
     model = small_model(kind).train()
     cfg = TrainConfig(tbptt_len=16, epochs=2, lr=3e-3, warmup_steps=1, progress=False)
-    start = time.perf_counter()
     result = Trainer(
         model, MultiTaskLoss(), random_sequences(2, 64), random_sequences(1, 32), cfg
     ).fit(resume=False)
-    assert time.perf_counter() - start < 10
     assert result.steps == 8 and result.skipped_steps == 0
     assert all(
         math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in result.history

@@ -137,29 +137,11 @@ class LightGBMForecaster(Forecaster):
         non-null (for sigma: positive) label, early-stopped on `data.val`. Test rows are never
         read. Raises ValueError when a target has fewer than 100 training or 20 validation
         labelled rows."""
-        features = list(data.feature_columns)
-        x_train, x_val = _x(data.train, features), _x(data.val, features)
-        tasks = _tasks(data.targets, data.train, self.cfg)
-        labels = {task.name: (_y(data.train, task), _y(data.val, task)) for task in tasks}
-        # check every target before training any booster: a short fold fails in milliseconds
-        for task in tasks:
-            (_, keep_train), (_, keep_val) = labels[task.name]
-            if keep_train.sum() < MIN_TRAIN_ROWS or keep_val.sum() < MIN_VAL_ROWS:
-                raise ValueError(
-                    f"Fold {data.key}: label {task.label!r} has {int(keep_train.sum())} training "
-                    f"and {int(keep_val.sum())} validation rows (need {MIN_TRAIN_ROWS} and "
-                    f"{MIN_VAL_ROWS}); use a longer history or a shorter label horizon"
-                )
+        inputs = BoostingInputs.of(data, _tasks(data.targets, data.train, self.cfg))
         boosters = {}
-        anchor = _log_ewma_variance(data)
-        a_train = _on_rows(data.train, anchor)
-        fill = float(np.median(a_train)) if a_train.size else 0.0  # training rows only
-        a_val = _on_rows(data.val, anchor, fill)
-        for task in tasks:
-            (y_train, keep_train), (y_val, keep_val) = labels[task.name]
-            xt, xv = x_train, x_val
-            if task.anchored and anchor is not None:  # the EWMA level as one more input
-                xt, xv = np.column_stack([x_train, a_train]), np.column_stack([x_val, a_val])
+        for task in inputs.tasks:
+            (y_train, keep_train), (y_val, keep_val) = inputs.labels[task.name]
+            xt, xv = inputs.matrices(task)
             dtrain = lgb.Dataset(xt[keep_train], y_train[keep_train])
             dval = lgb.Dataset(xv[keep_val], y_val[keep_val], reference=dtrain)
             boosters[task.name] = lgb.train(
@@ -170,31 +152,19 @@ class LightGBMForecaster(Forecaster):
                 valid_names=["val"],
                 callbacks=[lgb.early_stopping(self.cfg.trees.early_stopping_rounds, verbose=False)],
             )
-        self._boosters, self._tasks = boosters, tasks
-        self._features, self._spec = features, data.targets
-        self._anchor_fill, self._ewma_input = fill, anchor is not None
+        self._boosters, self._tasks = boosters, inputs.tasks
+        self._features, self._spec = inputs.features, data.targets
+        self._anchor_fill, self._ewma_input = inputs.fill, inputs.has_anchor
         return self
 
     def predict(self, data: FoldData) -> pl.DataFrame:
         """`symbol`, `ts` of `data.scored` (same order) plus p_down/p_flat/p_up (summing to 1),
         the quantile columns (sorted row-wise, so q10 <= q90), `sigma` (> 0) and ret_<h>."""
-        if not self._boosters:
-            raise RuntimeError("LightGBMForecaster.predict before fit: call fit(data) first")
-        if list(data.feature_columns) != self._features or data.targets != self._spec:
-            raise ValueError(
-                f"Fold {data.key} has other feature columns or targets than the fold this model "
-                "was fitted on; fit it on this fold first"
-            )
+        check_fitted_on(self, data)
         spec = self._spec
         rows = data.scored
-        x = _x(rows, self._features)
-        ewma = _on_rows(rows, _log_ewma_variance(data), self._anchor_fill)
-        raw = {
-            task.name: self._raw(task.name, np.column_stack([x, ewma]))
-            if task.anchored and self._ewma_input
-            else self._raw(task.name, x)
-            for task in self._tasks
-        }
+        x, xs = scored_matrices(data, self._features, self._ewma_input, self._anchor_fill)
+        raw = {task.name: self._raw(task.name, xs if task.anchored else x) for task in self._tasks}
         columns: dict[str, np.ndarray] = {}
         proba = raw[DIRECTION].reshape(rows.height, len(DIRECTION_COLUMNS))
         columns.update(zip(DIRECTION_COLUMNS, proba.T, strict=True))
@@ -241,6 +211,85 @@ class LightGBMForecaster(Forecaster):
     def _raw(self, name: str, x: np.ndarray) -> np.ndarray:
         booster = self._boosters[name]
         return np.asarray(booster.predict(x, num_iteration=booster.best_iteration))
+
+
+@dataclass(frozen=True)
+class BoostingInputs:
+    """What every booster of a fold trains on (LightGBM and XGBoost alike): the feature
+    matrices of the training and validation rows, each task's labels and their masks, and the
+    log EWMA variance input on both rows (gaps filled with the training rows' median)."""
+
+    features: list[str]
+    tasks: list[_Task]
+    labels: dict[str, tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]]
+    x_train: np.ndarray
+    x_val: np.ndarray
+    a_train: np.ndarray
+    a_val: np.ndarray
+    fill: float
+    has_anchor: bool  # the fold has prices, so the EWMA input exists
+
+    @classmethod
+    def of(cls, data: FoldData, tasks: list[_Task]) -> BoostingInputs:
+        """Raises ValueError, before any booster trains (a short fold fails in milliseconds),
+        when a task has fewer than MIN_TRAIN_ROWS training or MIN_VAL_ROWS validation labels."""
+        features = list(data.feature_columns)
+        labels = {task.name: (_y(data.train, task), _y(data.val, task)) for task in tasks}
+        for task in tasks:
+            (_, keep_train), (_, keep_val) = labels[task.name]
+            if keep_train.sum() < MIN_TRAIN_ROWS or keep_val.sum() < MIN_VAL_ROWS:
+                raise ValueError(
+                    f"Fold {data.key}: label {task.label!r} has {int(keep_train.sum())} training "
+                    f"and {int(keep_val.sum())} validation rows (need {MIN_TRAIN_ROWS} and "
+                    f"{MIN_VAL_ROWS}); use a longer history or a shorter label horizon"
+                )
+        anchor = _log_ewma_variance(data)
+        a_train = _on_rows(data.train, anchor)
+        fill = float(np.median(a_train)) if a_train.size else 0.0  # training rows only
+        return cls(
+            features,
+            tasks,
+            labels,
+            _x(data.train, features),
+            _x(data.val, features),
+            a_train,
+            _on_rows(data.val, anchor, fill),
+            fill,
+            anchor is not None,
+        )
+
+    def matrices(self, task: _Task) -> tuple[np.ndarray, np.ndarray]:
+        """The task's training and validation inputs: the EWMA level as one more column for the
+        anchored (sigma) task."""
+        if task.anchored and self.has_anchor:
+            return (
+                np.column_stack([self.x_train, self.a_train]),
+                np.column_stack([self.x_val, self.a_val]),
+            )
+        return self.x_train, self.x_val
+
+
+def check_fitted_on(model: Forecaster, data: FoldData) -> None:
+    """A boosted forecaster predicts only after `fit`, and only a fold with the feature columns
+    and targets it was fitted on."""
+    if not getattr(model, "_boosters", None):
+        raise RuntimeError(f"{type(model).__name__}.predict before fit: call fit(data) first")
+    if list(data.feature_columns) != model._features or data.targets != model._spec:  # type: ignore[attr-defined]
+        raise ValueError(
+            f"Fold {data.key} has other feature columns or targets than the fold this model "
+            "was fitted on; fit it on this fold first"
+        )
+
+
+def scored_matrices(
+    data: FoldData, features: list[str], ewma_input: bool, fill: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The scored rows' features, and the same with the EWMA input appended (the anchored
+    task's matrix; the plain one when the model was fitted without it)."""
+    x = _x(data.scored, features)
+    if not ewma_input:
+        return x, x
+    return x, np.column_stack([x, _on_rows(data.scored, _log_ewma_variance(data), fill)])
 
 
 def _log_ewma_variance(data: FoldData) -> pl.DataFrame | None:

@@ -51,14 +51,11 @@ from ml.forecasters.base import (
 from ml.forecasters.lightgbm import (
     EWMA_INPUT,
     FAST_TREES,
-    MIN_TRAIN_ROWS,
-    MIN_VAL_ROWS,
-    _log_ewma_variance,
-    _on_rows,
+    BoostingInputs,
     _robust_std,
     _Task,
-    _x,
-    _y,
+    check_fitted_on,
+    scored_matrices,
 )
 
 XGBOOST_FORECASTER_CODE_VERSION = "1"
@@ -153,29 +150,11 @@ class XGBoostForecaster(Forecaster):
         """Train one booster per task on `data.train`, each on the rows with a non-null (for
         sigma: positive) label, early-stopped on `data.val`. Test rows are never read. Raises
         ValueError when a target has fewer than 100 training or 20 validation labelled rows."""
-        features = list(data.feature_columns)
-        x_train, x_val = _x(data.train, features), _x(data.val, features)
-        tasks = _tasks(data.targets, data.train, self.cfg)
-        labels = {task.name: (_y(data.train, task), _y(data.val, task)) for task in tasks}
-        # check every target before training any booster: a short fold fails in milliseconds
-        for task in tasks:
-            (_, keep_train), (_, keep_val) = labels[task.name]
-            if keep_train.sum() < MIN_TRAIN_ROWS or keep_val.sum() < MIN_VAL_ROWS:
-                raise ValueError(
-                    f"Fold {data.key}: label {task.label!r} has {int(keep_train.sum())} training "
-                    f"and {int(keep_val.sum())} validation rows (need {MIN_TRAIN_ROWS} and "
-                    f"{MIN_VAL_ROWS}); use a longer history or a shorter label horizon"
-                )
-        anchor = _log_ewma_variance(data)
-        a_train = _on_rows(data.train, anchor)
-        fill = float(np.median(a_train)) if a_train.size else 0.0  # training rows only
-        a_val = _on_rows(data.val, anchor, fill)
+        inputs = BoostingInputs.of(data, _tasks(data.targets, data.train, self.cfg))
         boosters = {}
-        for task in tasks:
-            (y_train, keep_train), (y_val, keep_val) = labels[task.name]
-            xt, xv = x_train, x_val
-            if task.anchored and anchor is not None:  # the EWMA level as one more input
-                xt, xv = np.column_stack([x_train, a_train]), np.column_stack([x_val, a_val])
+        for task in inputs.tasks:
+            (y_train, keep_train), (y_val, keep_val) = inputs.labels[task.name]
+            xt, xv = inputs.matrices(task)
             params = dict(task.params)
             if task.target == DIRECTION:
                 params["base_score"] = _log_class_frequencies(y_train[keep_train])
@@ -191,28 +170,18 @@ class XGBoostForecaster(Forecaster):
                 early_stopping_rounds=self.cfg.early_stopping_rounds,
                 verbose_eval=False,
             )
-        self._boosters, self._tasks = boosters, tasks
-        self._features, self._spec = features, data.targets
-        self._anchor_fill, self._ewma_input = fill, anchor is not None
+        self._boosters, self._tasks = boosters, inputs.tasks
+        self._features, self._spec = inputs.features, data.targets
+        self._anchor_fill, self._ewma_input = inputs.fill, inputs.has_anchor
         return self
 
     def predict(self, data: FoldData) -> pl.DataFrame:
         """`symbol`, `ts` of `data.scored` (same order) plus p_down/p_flat/p_up (summing to 1),
         the quantile columns (sorted row-wise, so q10 <= q90), `sigma` (> 0) and ret_<h>."""
-        if not self._boosters:
-            raise RuntimeError("XGBoostForecaster.predict before fit: call fit(data) first")
-        if list(data.feature_columns) != self._features or data.targets != self._spec:
-            raise ValueError(
-                f"Fold {data.key} has other feature columns or targets than the fold this model "
-                "was fitted on; fit it on this fold first"
-            )
+        check_fitted_on(self, data)
         spec = self._spec
         rows = data.scored
-        x = _x(rows, self._features)
-        xs = x
-        if self._ewma_input:
-            ewma = _on_rows(rows, _log_ewma_variance(data), self._anchor_fill)
-            xs = np.column_stack([x, ewma])
+        x, xs = scored_matrices(data, self._features, self._ewma_input, self._anchor_fill)
         raw = {task.name: self._raw(task.name, xs if task.anchored else x) for task in self._tasks}
         columns: dict[str, np.ndarray] = {}
         proba = raw[DIRECTION].reshape(rows.height, len(DIRECTION_COLUMNS)).astype(np.float64)
