@@ -43,6 +43,27 @@ def test_a_window_replaces_only_its_own_rows(warehouse):
     assert left.height == feb.filter(pl.col("symbol") != "ACME").height
 
 
+@pytest.mark.parametrize("table", ["ohlcv", "onchain", "macro"])
+def test_rewriting_a_window_after_its_neighbour_keeps_the_neighbours_first_day(warehouse, table):
+    """Windows are half-open: re-writing January after February is stored must not touch
+    February 1st (a delete inclusive of the window end would lose it silently, the shrink guard
+    only watches the window itself), and re-writing February must not touch January 31st."""
+    src = make_source(table, "synthetic")
+    jan, feb = src.fetch(JAN, FEB), src.fetch(FEB, MAR)
+    warehouse.replace_window(table, jan, JAN, FEB, src.entities)
+    warehouse.replace_window(table, feb, FEB, MAR, src.entities)
+    stored = warehouse.read(table)
+    for start, end, rows in ((JAN, FEB, jan), (FEB, MAR, feb), (JAN, FEB, jan)):
+        result = warehouse.replace_window(table, rows, start, end, src.entities)
+        assert result.rows_deleted == rows.height == result.rows_inserted, (start, result)
+        assert warehouse.read(table).equals(stored), (table, start)
+    time_col = "ts" if table == "ohlcv" else "date"
+    first_feb = warehouse.read(table).filter(
+        pl.col(time_col) == pl.lit(FEB).cast(stored[time_col].dtype)
+    )
+    assert first_feb.height == len(src.entities)
+
+
 def test_read_filters_by_window_and_entity(warehouse):
     src, rows = _bars(JAN, MAR)
     warehouse.replace_window("ohlcv", rows, JAN, MAR, src.entities)
