@@ -89,6 +89,27 @@ def test_a_macro_value_used_before_publication_fails_truncation_invariance(raw):
     assert "truncation_invariance" in report.summary()
 
 
+def _onchain_same_day(o, c, m):
+    """The on-chain leak: day d's totals used at bar d, before the day is over (the rule uses
+    them from bar d + 1 on): every on-chain row moved one day earlier inside the feature code."""
+    return COMPUTE_FEATURES(o, c.with_columns(date=pl.col("date") - pl.duration(days=1)), m)
+
+
+def test_onchain_leak_same_day_totals_fail_truncation_invariance(raw):
+    """The checker's on-chain cut must be strict (days complete before the cut's previous day):
+    with `date < day` in ml.leakage.truncate_raw the truncated run keeps the same day too and
+    this planted leak passes (issue 15, finding 2)."""
+    report = check_truncation_invariance(*raw, _onchain_same_day, COLS)
+    assert not report.passed, report.summary()
+    onchain_cols = set(ml_features.onchain_feature_columns(FeatureConfig()))
+    onchain_cols.add(ml_features.ONCHAIN_AGE_COLUMN)
+    changed = set(report.offending["column"])
+    assert changed and changed <= {c for c in COLS if c in onchain_cols or "active_addresses" in c}
+    # the offending bars are the last ones before each cut, whose day's totals were cut off
+    for cut, ts in report.offending.select("cut", "ts").iter_rows():
+        assert cut - timedelta(days=3) <= ts < cut
+
+
 def test_clean_labels_are_aligned(raw):
     cfg = LabelConfig()
     report = check_label_alignment(compute_labels(raw[0], cfg), label_columns(cfg), cfg.max_horizon)
