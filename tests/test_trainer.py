@@ -35,10 +35,22 @@ def toy_sequences(lanes: int, steps: int, seed: int) -> Sequences:
     return Sequences(x, {"returns": ret, "direction": direction})
 
 
-def make_model(seed: int = 0) -> tuple[Forecaster, MultiTaskLoss]:
+def make_model(seed: int = 0, dropout: float = 0.0) -> tuple[Forecaster, MultiTaskLoss]:
     torch.manual_seed(seed)
-    cfg = BackboneConfig.preset("tiny", N_FEATURES, horizons=(1, 5))
+    cfg = BackboneConfig.preset("tiny", N_FEATURES, horizons=(1, 5), dropout=dropout)
     return Forecaster(cfg), MultiTaskLoss()
+
+
+# the resume test's two runs: plain, and with every random draw the trainer makes (the
+# augmentation generator's noise, warp and feature dropout, and the model's own dropout, which
+# draws from torch's global RNG)
+RESUME_VARIANTS = {
+    "plain": ({}, {}),
+    "augmented_dropout": (
+        {"dropout": 0.2},
+        {"augment": AugmentConfig(noise_std=0.1, magnitude_warp=0.1, feature_dropout=0.2)},
+    ),
+}
 
 
 def quick_cfg(**kw) -> TrainConfig:
@@ -103,28 +115,37 @@ KILLED_RUN = """
 import os, signal, sys
 import torch
 sys.path.insert(0, sys.argv[2])
-from tests.test_trainer import make_model, quick_cfg, toy_sequences
+from tests.test_trainer import RESUME_VARIANTS, make_model, quick_cfg, toy_sequences
 from ml.trainer import Trainer
 torch.set_num_threads(1)
-model, loss = make_model()
+model_kw, cfg_kw = RESUME_VARIANTS[sys.argv[4]]
+model, loss = make_model(**model_kw)
 kill_at = int(sys.argv[3])
 def on_step(step):
     if step == kill_at:
         os.kill(os.getpid(), signal.SIGKILL)
 Trainer(model, loss, toy_sequences(2, 128, 0), toy_sequences(1, 64, 1),
-        quick_cfg(checkpoint_every=1), checkpoint_dir=sys.argv[1], on_step=on_step).fit()
+        quick_cfg(checkpoint_every=1, **cfg_kw), checkpoint_dir=sys.argv[1],
+        on_step=on_step).fit()
 """
 
 
-def test_resuming_after_a_kill_gives_the_weights_of_an_uninterrupted_run(tmp_path):
-    model, loss = make_model()
-    Trainer(model, loss, toy_sequences(2, 128, 0), toy_sequences(1, 64, 1), quick_cfg()).fit()
+@pytest.mark.parametrize("variant", list(RESUME_VARIANTS))
+def test_resuming_after_a_kill_gives_the_weights_of_an_uninterrupted_run(tmp_path, variant):
+    """Bitwise, also with augmentation and dropout on: the checkpoint must carry the
+    augmentation generator's and torch's RNG states (not restoring either fails the
+    augmented_dropout run; issue 15, finding 5)."""
+    model_kw, cfg_kw = RESUME_VARIANTS[variant]
+    model, loss = make_model(**model_kw)
+    Trainer(
+        model, loss, toy_sequences(2, 128, 0), toy_sequences(1, 64, 1), quick_cfg(**cfg_kw)
+    ).fit()
     expected = model.state_dict()
 
     ckpt = tmp_path / "ckpt"
     kill_at = 6  # mid second epoch (4 chunks per epoch): resume must restore the carried state
     proc = subprocess.run(
-        [sys.executable, "-c", KILLED_RUN, str(ckpt), str(ROOT), str(kill_at)],
+        [sys.executable, "-c", KILLED_RUN, str(ckpt), str(ROOT), str(kill_at), variant],
         capture_output=True,
         text=True,
         timeout=300,
@@ -133,13 +154,14 @@ def test_resuming_after_a_kill_gives_the_weights_of_an_uninterrupted_run(tmp_pat
     saved = torch.load(ckpt / "last.pt", weights_only=True)
     assert saved["position"].tolist()[:3] == [1, 2, kill_at]
 
-    model, loss = make_model(seed=123)  # different init: everything must come from the checkpoint
+    # different init: everything must come from the checkpoint
+    model, loss = make_model(seed=123, **model_kw)
     trainer = Trainer(
         model,
         loss,
         toy_sequences(2, 128, 0),
         toy_sequences(1, 64, 1),
-        quick_cfg(),
+        quick_cfg(**cfg_kw),
         checkpoint_dir=ckpt,
     )
     result = trainer.fit()
