@@ -25,7 +25,6 @@ c chunks, l positions inside a chunk, K conv width.
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 import math
 from collections.abc import Callable
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ml.mamba2 import _import_skipping_package_init, _scan_dtype
+from ml.mamba2 import _scan_dtype, load_kernel, use_fused_kernel
 
 logger = logging.getLogger("mambacast.mamba1")
 
@@ -266,18 +265,7 @@ def selective_scan_step(
 @functools.cache
 def _fused_selective_scan() -> tuple[Callable[..., object] | None, str]:
     """(selective_scan_fn, "") when it imports, else (None, why not)."""
-    try:
-        module = importlib.import_module(_FUSED_MODULE)
-    except Exception as err:  # broad on purpose: CUDA builds fail in many ways
-        first = f"{type(err).__name__}: {err}"
-        try:  # the package __init__ can fail on things this kernel does not need
-            module = _import_skipping_package_init(_FUSED_MODULE)
-        except Exception as err2:
-            return None, (
-                f"import {_FUSED_MODULE} failed ({first}); without the package __init__: "
-                f"{type(err2).__name__}: {err2}"
-            )
-    return module.selective_scan_fn, ""
+    return load_kernel(_FUSED_MODULE, "selective_scan_fn")
 
 
 # the kernel is CUDA-only; the tests set this to False to run a fake kernel through the glue
@@ -412,25 +400,19 @@ class Mamba1(nn.Module):
         return delta, A, B, C
 
     def _use_fused(self, x: torch.Tensor) -> bool:
-        backend = self.cfg.backend
-        if backend == "torch":
+        if self.cfg.backend == "torch":
             return False
-        scan, why = _fused_selective_scan()
-        on_device = x.is_cuda or not _FUSED_NEEDS_CUDA
-        if scan is not None and on_device:
-            return True
-        if scan is not None:
-            why = f"tensors are on {x.device.type}, the fused kernel needs CUDA"
-        if backend == "fused":
-            raise RuntimeError(
-                f"Mamba1Config.backend='fused' cannot run: {why}. Install the GPU extra "
-                "(pip install 'mambacast[gpu]', which builds mamba_ssm's selective_scan_cuda) "
-                "and move the model and inputs to CUDA, or use backend='auto' or 'torch'."
-            )
-        if why not in _fallback_logged:
-            _fallback_logged.add(why)
-            logger.info("Mamba1 backend='auto' uses the PyTorch selective scan: %s", why)
-        return False
+        return use_fused_kernel(
+            "Mamba1",
+            self.cfg.backend,
+            _fused_selective_scan(),
+            x,
+            "pip install 'mambacast[gpu]', which builds mamba_ssm's selective_scan_cuda",
+            "selective scan",
+            _fallback_logged,
+            logger,
+            needs_cuda=_FUSED_NEEDS_CUDA,
+        )
 
     def forward(
         self, u: torch.Tensor, state: Mamba1State | None = None

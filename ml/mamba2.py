@@ -266,21 +266,60 @@ def _import_skipping_package_init(name: str) -> object:
         raise
 
 
-@functools.cache
-def _fused_scan() -> tuple[Callable[..., object] | None, str]:
-    """(mamba_chunk_scan_combined, "") when it imports, else (None, why not)."""
+def load_kernel(module_name: str, attr: str) -> tuple[Callable[..., object] | None, str]:
+    """(`module_name.attr`, "") when it imports, else (None, why not); past a package __init__
+    that fails on things the kernel does not need (see `_import_skipping_package_init`)."""
     try:
-        module = importlib.import_module(_FUSED_MODULE)
+        module = importlib.import_module(module_name)
     except Exception as err:  # broad on purpose: CUDA/Triton setups fail in many ways
         first = f"{type(err).__name__}: {err}"
         try:
-            module = _import_skipping_package_init(_FUSED_MODULE)
+            module = _import_skipping_package_init(module_name)
         except Exception as err2:
             return None, (
-                f"import {_FUSED_MODULE} failed ({first}); without the package __init__: "
+                f"import {module_name} failed ({first}); without the package __init__: "
                 f"{type(err2).__name__}: {err2}"
             )
-    return module.mamba_chunk_scan_combined, ""
+    return getattr(module, attr), ""
+
+
+def use_fused_kernel(
+    layer: str,
+    backend: str,
+    loaded: tuple[Callable[..., object] | None, str],
+    x: torch.Tensor,
+    install: str,
+    fallback: str,
+    logged: set[str],
+    log: logging.Logger,
+    needs_cuda: bool = True,
+) -> bool:
+    """Whether a layer with `backend` ("auto", "torch", "fused") runs the fused kernel on x:
+    `loaded` is the kernel loader's (kernel, why not). "fused" that cannot run raises naming
+    the fix (`install`); "auto" falls back with one log line per distinct reason (`logged`)."""
+    if backend == "torch":
+        return False
+    scan, why = loaded
+    if scan is not None and (x.is_cuda or not needs_cuda):
+        return True
+    if scan is not None:
+        why = f"tensors are on {x.device.type}, the fused kernel needs CUDA"
+    if backend == "fused":
+        raise RuntimeError(
+            f"{layer}Config.backend='fused' cannot run: {why}. Install the GPU extra "
+            f"({install}) and move the model and inputs to CUDA, or use backend='auto' or "
+            "'torch'."
+        )
+    if why not in logged:
+        logged.add(why)
+        log.info("%s backend='auto' uses the PyTorch %s: %s", layer, fallback, why)
+    return False
+
+
+@functools.cache
+def _fused_scan() -> tuple[Callable[..., object] | None, str]:
+    """(mamba_chunk_scan_combined, "") when it imports, else (None, why not)."""
+    return load_kernel(_FUSED_MODULE, "mamba_chunk_scan_combined")
 
 
 _fallback_logged: set[str] = set()  # one log line per distinct reason per process
@@ -406,24 +445,18 @@ class Mamba2(nn.Module):
         return dt, A
 
     def _use_fused(self, x: torch.Tensor) -> bool:
-        backend = self.cfg.backend
-        if backend == "torch":
+        if self.cfg.backend == "torch":
             return False
-        scan, why = _fused_scan()
-        if scan is not None and not x.is_cuda:
-            why = f"tensors are on {x.device.type}, the fused kernel needs CUDA"
-        if scan is not None and x.is_cuda:
-            return True
-        if backend == "fused":
-            raise RuntimeError(
-                f"Mamba2Config.backend='fused' cannot run: {why}. Install the GPU extra "
-                "(pip install 'mambacast[gpu]') and move the model and inputs to CUDA, or use "
-                "backend='auto' or 'torch'."
-            )
-        if why not in _fallback_logged:
-            _fallback_logged.add(why)
-            logger.info("Mamba2 backend='auto' uses the PyTorch SSD scan: %s", why)
-        return False
+        return use_fused_kernel(
+            "Mamba2",
+            self.cfg.backend,
+            _fused_scan(),
+            x,
+            "pip install 'mambacast[gpu]'",
+            "SSD scan",
+            _fallback_logged,
+            logger,
+        )
 
     def forward(
         self, u: torch.Tensor, state: Mamba2State | None = None
