@@ -17,8 +17,10 @@ export MAMBACAST_DATA_DIR := $(abspath $(DATA_DIR))
 export DAGSTER_HOME := $(MAMBACAST_DATA_DIR)/dagster_home
 # A single-run backfill records one "planned" event per asset instead of one per partition.
 export DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS := true
+# dg runs in the project's virtualenv; without this it warns that none is activated
+DG := VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/dg
 
-.PHONY: setup instance demo evaluate test ui lint bench clean
+.PHONY: setup instance demo evaluate test ui lint bench mutate clean
 
 setup: $(STAMP)
 
@@ -72,11 +74,12 @@ test: setup
 ui: UI_HOST ?= 127.0.0.1
 ui: setup instance
 	$(if $(filter-out 127.0.0.1 localhost ::1,$(UI_HOST)),@echo "WARNING: the Dagster UI has no login and listens on $(UI_HOST) port $(PORT): other machines can reach it" >&2)
-	$(BIN)/dagster dev -w workspace.yaml -h $(UI_HOST) -p $(PORT)
+	$(DG) dev --host $(UI_HOST) --port $(PORT)
 
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(DG) check defs
 
 bench: setup instance
 	$(BIN)/python benchmarks/ingest.py
@@ -84,6 +87,12 @@ bench: setup instance
 	$(BIN)/python benchmarks/mamba.py
 	$(BIN)/python benchmarks/features.py
 	$(BIN)/python benchmarks/backtest.py
+
+## mutate: mutation testing (mutmut) of the guard modules against their tests, one worker under
+## nice; benchmarks/results/mutation.{json,md}. MODULES=lake picks some, JOBS=2 uses both cores
+JOBS ?= 1
+mutate: setup
+	nice -n 19 $(BIN)/python benchmarks/mutation.py --max-children $(JOBS) $(MODULES)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import dagster as dg
 import polars as pl
 
-from assets.metadata import png_md, table_md
+from assets.metadata import png_md, table_md, uri
 from assets.partitions import SINGLE_RUN, fold_partitions
 from assets.resources import WarehouseResource
 from assets.training import _fold, predictions
@@ -144,7 +144,8 @@ def backtest(
     return dg.MaterializeResult(
         metadata={
             "folds": table_md(table, rows=200),
-            "path": dg.MetadataValue.path(str(store.root / "backtest")),
+            # one fold: its artifact; a range: the folder of every fold's
+            **uri(art.path if len(context.partition_keys) == 1 else store.root / "backtest"),
             **({"equity_curve": png_md(last_fig, "equity curves")} if last_fig else {}),
         }
     )

@@ -9,7 +9,7 @@ import dagster as dg
 import polars as pl
 
 from assets.backtest import TRADED, BacktestSettings, backtest, backtest_grid
-from assets.metadata import png_md, table_md
+from assets.metadata import png_md, table_md, uri
 from assets.partitions import SINGLE_RUN
 from assets.resources import DUCKDB_POOL, WarehouseResource
 from assets.training import KEEP_VERSIONS, _targets, predictions
@@ -156,7 +156,7 @@ def evaluation(
     md = {
         "folds": dg.MetadataValue.json([k for k, _ in found]),
         "test_rows": results["test_rows"],
-        "path": dg.MetadataValue.path(str(art.path)),
+        **uri(art.path),
         "report": dg.MetadataValue.path(str(art.path / "evaluation.html")),
         "evaluation_version": version,
         **headline,

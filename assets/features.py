@@ -15,17 +15,30 @@ import dagster as dg
 import polars as pl
 
 from assets.ingest import macro_series, ohlcv_bars, onchain_metrics
-from assets.metadata import frame_summary, table_md
+from assets.metadata import (
+    frame_summary,
+    lake_table_definition,
+    lake_table_result,
+    table_md,
+    uri,
+)
 from assets.partitions import SINGLE_RUN
 from assets.resources import DUCKDB_POOL, WarehouseResource
 from ml.features import (
     FeatureConfig,
     compute_features,
+    feature_schema,
     macro_series_of,
     onchain_symbols_of,
     select_model_columns,
 )
-from ml.labels import DIRECTION_CLASSES, LabelConfig, compute_labels, label_columns
+from ml.labels import (
+    DIRECTION_CLASSES,
+    LabelConfig,
+    compute_labels,
+    label_columns,
+    label_schema,
+)
 
 
 class LabelsConfig(dg.Config):
@@ -56,7 +69,9 @@ def _require_rows(table: str, n: int) -> None:
     "volatility, cyclical time, macro as of publication, on-chain ratios. Macro and on-chain "
     "values are carried forward up to a limit; an input missing at the end of the data or on "
     "too many bars is dropped from the model columns with a warning (metadata "
-    "`dropped_inputs`).",
+    "`dropped_inputs`). Declared columns: the default settings with the four FRED series; a "
+    "materialization records the columns its macro and on-chain inputs gave.",
+    metadata=lake_table_definition("features", feature_schema(FeatureConfig())),
 )
 def features(
     context: dg.AssetExecutionContext, warehouse: WarehouseResource
@@ -118,8 +133,9 @@ def features(
     return dg.MaterializeResult(
         metadata={
             **frame_summary(frame),
+            **lake_table_result("features", frame),
             "feature_version": version,
-            "path": dg.MetadataValue.path(str(lake.version_dir("features", version))),
+            **uri(lake.version_dir("features", version)),
             "files": len(files),
             "model_columns": dg.MetadataValue.json(chosen.columns),
             "dropped_inputs": dg.MetadataValue.json(
@@ -141,6 +157,7 @@ def features(
     description="Forward labels per (symbol, ts): log returns over 1/5/10/30/90 bars, "
     "3-class 90-bar direction, forward 30-bar realized volatility. The last h "
     "rows of each label are null.",
+    metadata=lake_table_definition("labels", label_schema(LabelConfig())),
 )
 def labels(
     context: dg.AssetExecutionContext, config: LabelsConfig, warehouse: WarehouseResource
@@ -166,8 +183,9 @@ def labels(
     return dg.MaterializeResult(
         metadata={
             **frame_summary(frame),
+            **lake_table_result("labels", frame),
             "label_version": version,
-            "path": dg.MetadataValue.path(str(lake.version_dir("labels", version))),
+            **uri(lake.version_dir("labels", version)),
             "files": len(files),
             "direction_class_counts": dg.MetadataValue.json(balance),
             "null_counts": dg.MetadataValue.json(

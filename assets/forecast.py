@@ -12,7 +12,7 @@ import dagster as dg
 import polars as pl
 
 from assets.features import features, labels
-from assets.metadata import png_md, table_md
+from assets.metadata import png_md, raw_table_definition, table_md, table_name
 from assets.partitions import SINGLE_RUN
 from assets.resources import DUCKDB_POOL, WarehouseResource
 from assets.training import dataset_rows, mamba_model, training_dataset
@@ -57,6 +57,7 @@ def newest_model(store, meta: dict, kind: str) -> Artifact | None:
     "probabilities, p10/p90 and sigma, multi-horizon returns, the seeds' mean), carrying the "
     "recurrent state forward over the bars since the last run only; stored in the DuckDB table "
     "`forecasts` keyed by symbol, as-of bar and model version (a re-run replaces its rows).",
+    metadata=raw_table_definition(FORECASTS),
 )
 def latest_forecast(
     context: dg.AssetExecutionContext, config: LatestForecastConfig, warehouse: WarehouseResource
@@ -141,7 +142,7 @@ def latest_forecast(
         "bars_run": dg.MetadataValue.int(result.bars_run),
         "rows_written": dg.MetadataValue.int(written),  # new or replaced
         "dagster/row_count": dg.MetadataValue.int(wh.count("forecasts")),  # every version
-        "dagster/table_name": "forecasts",
+        "dagster/table_name": table_name(FORECASTS.name),
         "latest": table_md(
             latest.select(
                 "symbol",

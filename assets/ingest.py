@@ -19,7 +19,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from assets.metadata import report_metadata, table_md
+from assets.metadata import raw_table_definition, report_metadata, table_md, table_name
 from assets.partitions import SINGLE_RUN, ingest_partitions
 from assets.resources import DUCKDB_POOL, MarketSourcesResource, WarehouseResource
 from warehouse import Warehouse
@@ -32,7 +32,7 @@ from warehouse.quality import (
     frame_reader,
     validate_window,
 )
-from warehouse.schema import ohlcv_table
+from warehouse.schema import MACRO, OHLCV, ONCHAIN, ohlcv_table
 from warehouse.store import Reader, ShrinkingWindowError
 
 # Days an incremental fetch re-reads before the newest stored row: sources revise their newest
@@ -161,6 +161,29 @@ def resume_point(store: Warehouse, table: str, entities, timeframe: str) -> date
     return datetime.combine(nxt.date(), datetime.min.time())
 
 
+def table_metadata(
+    context: dg.AssetExecutionContext, store: Warehouse, table: str
+) -> dict[str, dg.MetadataValue | str]:
+    """Dagster's table keys for the stored table after a write: its DuckDB name, its rows, and
+    the rows of the run's partition (`dagster/partition_row_count`). A range run records one
+    materialization per partition with the same metadata, so it gets each year's rows in
+    `partition_row_counts` instead of one count that would be wrong for every partition."""
+    window = context.partition_time_window
+    years = store.rows_per_year(
+        table, window.start.replace(tzinfo=None), window.end.replace(tzinfo=None)
+    )
+    keys = context.partition_keys
+    metadata: dict[str, dg.MetadataValue | str] = {
+        "dagster/table_name": table_name(table),
+        "dagster/row_count": dg.MetadataValue.int(store.count(table)),
+    }
+    if len(keys) == 1:
+        metadata["dagster/partition_row_count"] = dg.MetadataValue.int(years.get(keys[0], 0))
+    else:
+        metadata["partition_row_counts"] = dg.MetadataValue.json({k: years.get(k, 0) for k in keys})
+    return metadata
+
+
 def ingest_window(
     context: dg.AssetExecutionContext,
     table: str,
@@ -197,7 +220,7 @@ def ingest_window(
                 "timeframe": timeframe,
                 "rows_inserted": 0,
                 "rows_replaced": 0,
-                "table_rows": store.count(stored),
+                **table_metadata(context, store, table),
             }
         )
     context.log.info(
@@ -265,10 +288,10 @@ def ingest_window(
             "rows_written": dg.MetadataValue.json({r.table: r.rows_inserted for r in results}),
             "rows_inserted": result.rows_inserted,
             "rows_replaced": result.rows_deleted,
-            "table_rows": result.rows_after,
+            **table_metadata(context, store, result.table),
             "per_entity": table_md(store.summary(table), rows=50),
             "preview": table_md(rows.tail(5)),
-            "table": f"{store.path}::{result.table}",
+            "database": dg.MetadataValue.path(str(store.path)),
         }
     )
 
@@ -288,7 +311,12 @@ _COMMON = {
 }
 
 
-@dg.asset(description="Daily OHLCV bars per symbol (table `ohlcv`, key symbol + ts).", **_COMMON)
+@dg.asset(
+    description="Daily OHLCV bars per symbol (table `ohlcv`, key symbol + ts; an hourly or "
+    "minute source also fills `ohlcv_1h` / `ohlcv_1m`, from which the daily bars are built).",
+    metadata=raw_table_definition(OHLCV),
+    **_COMMON,
+)
 def ohlcv_bars(
     context: dg.AssetExecutionContext,
     config: IngestConfig,
@@ -299,7 +327,9 @@ def ohlcv_bars(
 
 
 @dg.asset(
-    description="Daily Bitcoin on-chain metrics (table `onchain`, key asset + date).", **_COMMON
+    description="Daily Bitcoin on-chain metrics (table `onchain`, key asset + date).",
+    metadata=raw_table_definition(ONCHAIN),
+    **_COMMON,
 )
 def onchain_metrics(
     context: dg.AssetExecutionContext,
@@ -311,7 +341,9 @@ def onchain_metrics(
 
 
 @dg.asset(
-    description="Macro series with publication dates (table `macro`, key series + date).", **_COMMON
+    description="Macro series with publication dates (table `macro`, key series + date).",
+    metadata=raw_table_definition(MACRO),
+    **_COMMON,
 )
 def macro_series(
     context: dg.AssetExecutionContext,

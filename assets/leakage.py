@@ -5,7 +5,7 @@ offending rows. A failure stops everything downstream of the checked asset in th
 """
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import dagster as dg
 import polars as pl
@@ -72,19 +72,54 @@ def _leakage_check(
     return declare
 
 
+def _stored_feature_config(meta: dict) -> ml_features.FeatureConfig:
+    """The FeatureConfig a features snapshot was written with, from its _meta.json 'config'
+    (JSON turned its tuples into lists); fields the snapshot lacks keep their defaults."""
+    names = {f.name for f in fields(ml_features.FeatureConfig)}
+    given = meta.get("config") or {}
+    return ml_features.FeatureConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if k in names}
+    )
+
+
+PRICE_COLUMNS = ("open", "high", "low", "close", "log_close")
+
+
 @_leakage_check(features, "features_truncation_invariance")
 def features_truncation_invariance(warehouse: WarehouseResource) -> list[LeakageReport]:
-    """Recomputes the features on the raw tables cut at three dates (bars before the cut,
-    on-chain days over before it, macro values published before it) and requires the model
-    columns to equal the full run's on every row before each cut."""
+    """Reads the features snapshot the features asset stored (the current version, which
+    downstream assets read), recomputes the features on all the raw data and on the raw tables
+    cut at four dates (three on different publication weekdays, then the last day: bars before
+    the cut, on-chain days over before it, macro values published before it) and requires the
+    stored model columns and prices to equal the recomputed ones on every row (before each
+    cut)."""
     store, lake = warehouse.warehouse(), warehouse.lake()
-    cfg = ml_features.FeatureConfig()
+    version = lake.current_version("features")
+    meta = lake.read_meta("features", version)
+    cfg = _stored_feature_config(meta)
+    if cfg.version() != version:
+        rule = "truncation_invariance(stored features at t depend only on data known at t)"
+        return [
+            LeakageReport(
+                rule,
+                False,
+                0,
+                pl.DataFrame({"stored_version": [version], "current_version": [cfg.version()]}),
+                f"the stored features snapshot (version {version}) was not written by the "
+                f"current feature code (version {cfg.version()} for its config), so it cannot be "
+                "checked against a recomputation: materialize the features asset again",
+            )
+        ]
     report = check_truncation_invariance(
         store.read("ohlcv"),
         store.read("onchain"),
         store.read("macro"),
+        # looked up at call time (tests plant leaks in ml.features)
         lambda o, c, m: ml_features.compute_features(o, c, m, cfg),
-        lake.read_meta("features")["model_columns"],
+        # the model inputs, and the prices the training dataset copies from the snapshot (the
+        # backtest, the evaluation and the latest forecast read them)
+        [*(c for c in PRICE_COLUMNS if c not in meta["model_columns"]), *meta["model_columns"]],
+        stored=lake.read("features", version),
     )
     return [report]
 

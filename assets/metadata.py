@@ -1,11 +1,77 @@
-"""Metadata helpers: what a person wants to see on a materialization in the UI."""
+"""Metadata helpers: what a person wants to see on a materialization in the UI.
+
+Tables carry Dagster's standard keys, so the UI's column view, row counts and table names work
+as they do for any Dagster project: `dagster/column_schema` (on the definition, from the
+declared columns; on each materialization, the stored frame's own), `dagster/table_name` (the
+DuckDB name to query: a raw table, or the `lake_<table>` view over a lake table's current
+version), `dagster/row_count`, `dagster/partition_row_count`; artifacts carry `dagster/uri`."""
 
 import base64
 import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import polars as pl
+
+from warehouse.schema import TableSpec, duckdb_type
+
+# DuckDB names the catalog of a database file after the file (warehouse/paths.py duckdb_file)
+CATALOG = "warehouse"
+
+
+def table_name(table: str) -> str:
+    """The fully qualified DuckDB name of a warehouse table or view."""
+    return f"{CATALOG}.main.{table}"
+
+
+def column_schema(columns: Mapping[str, pl.DataType], key: Sequence[str] = ()) -> dg.TableSchema:
+    """A Dagster table schema: each column with its DuckDB type; key columns are not null."""
+    return dg.TableSchema(
+        columns=[
+            dg.TableColumn(
+                name,
+                duckdb_type(dtype),
+                constraints=dg.TableColumnConstraints(nullable=False) if name in key else None,
+            )
+            for name, dtype in columns.items()
+        ]
+    )
+
+
+def raw_table_definition(spec: TableSpec) -> dict[str, Any]:
+    """Definition metadata of an asset that writes the warehouse table `spec`."""
+    return {
+        "dagster/column_schema": column_schema(spec.columns, spec.key),
+        "dagster/table_name": table_name(spec.name),
+    }
+
+
+def lake_table_definition(table: str, columns: Mapping[str, pl.DataType]) -> dict[str, Any]:
+    """Definition metadata of an asset that writes lake table `table` with `columns`."""
+    return {
+        "dagster/column_schema": column_schema(columns, ("symbol", "ts")),
+        "dagster/table_name": table_name(f"lake_{table}"),
+    }
+
+
+def lake_table_result(table: str, frame: pl.DataFrame) -> dict[str, Any]:
+    """Materialization metadata of a lake table write: the stored frame's exact columns (those
+    a run's data and settings chose), its view's name and its row count."""
+    return {
+        "dagster/column_schema": column_schema(frame.schema, ("symbol", "ts")),
+        "dagster/table_name": table_name(f"lake_{table}"),
+        "dagster/row_count": dg.MetadataValue.int(frame.height),
+    }
+
+
+def uri(path: Path) -> dict[str, Any]:
+    """`dagster/uri` of a file or folder, and the same place as a path (the UI shows both)."""
+    return {
+        "dagster/uri": dg.MetadataValue.text(Path(path).resolve().as_uri()),
+        "path": dg.MetadataValue.path(str(path)),
+    }
 
 
 def table_md(df: pl.DataFrame, rows: int = 10, floatfmt: str = ".4g") -> dg.MetadataValue:

@@ -16,10 +16,11 @@ import dagster as dg
 import polars as pl
 
 from assets.features import features, labels
-from assets.metadata import frame_summary, table_md
+from assets.metadata import frame_summary, lake_table_definition, lake_table_result, table_md, uri
 from assets.partitions import FOLD_MONTHS, SINGLE_RUN, fold_partitions
 from assets.resources import DUCKDB_POOL, WarehouseResource
-from ml.labels import LabelConfig
+from ml.features import FeatureConfig, feature_schema, model_feature_columns
+from ml.labels import LabelConfig, label_schema
 from ml.sequence_names import CLASSIC_BASELINE_NAMES, LITERATURE_BASELINE_NAMES, MAMBA2
 from ml.walkforward import Fold, WalkForwardConfig, assign_fold, walk_forward_folds
 from pipelines.launchers import TrainingLauncher
@@ -43,6 +44,20 @@ class WalkForwardSettings(dg.Config):
 
     def to_ml(self) -> WalkForwardConfig:
         return WalkForwardConfig(step_months=FOLD_MONTHS, **self.model_dump())
+
+
+def dataset_schema() -> dict[str, pl.DataType]:
+    """The training dataset's declared columns with the default settings: the bar's key and
+    prices, every candidate model column, the labels. A snapshot holds the model columns its
+    data supports (an input missing at the end of the data is dropped; the features asset's
+    `dropped_inputs`), so its materialization records its exact schema."""
+    fcfg = FeatureConfig()
+    stored, labelled = feature_schema(fcfg), label_schema(LabelConfig())
+    price = ["symbol", "ts", "open", "high", "low", "close", "log_close"]
+    return {
+        **{c: stored[c] for c in (*price, *model_feature_columns(fcfg))},
+        **{c: t for c, t in labelled.items() if c not in ("symbol", "ts")},
+    }
 
 
 def dataset_rows(lake) -> pl.DataFrame:
@@ -71,6 +86,7 @@ def dataset_rows(lake) -> pl.DataFrame:
     backfill_policy=SINGLE_RUN,
     description="Features joined to labels, every row; the walk-forward folds the data "
     "supports (test windows, validation, purge of whole label windows, embargo) in its meta.",
+    metadata=lake_table_definition("training_dataset", dataset_schema()),
 )
 def training_dataset(
     context: dg.AssetExecutionContext, config: WalkForwardSettings, warehouse: WarehouseResource
@@ -122,10 +138,11 @@ def training_dataset(
     return dg.MaterializeResult(
         metadata={
             **frame_summary(data),
+            **lake_table_result("training_dataset", data),
             "data_version": version,
             "folds": table_md(table, rows=100),
             "fold_keys": dg.MetadataValue.json([f.key for f in folds]),
-            "path": dg.MetadataValue.path(str(lake.version_dir("training_dataset", version))),
+            **uri(lake.version_dir("training_dataset", version)),
         }
     )
 
@@ -200,7 +217,8 @@ def model(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg
             "folds": table_md(pl.DataFrame(summary), rows=100),
             "forecasters": dg.MetadataValue.json(names),
             "data_version": meta["version"],
-            "path": dg.MetadataValue.path(str(store.root / "model")),
+            # one fold: its artifact; a range: the folder of every fold's
+            **uri(art.path if len(context.partition_keys) == 1 else store.root / "model"),
         }
     )
 
@@ -452,6 +470,7 @@ def predictions(
         metadata={
             "folds": table_md(pl.DataFrame(summary), rows=100),
             "data_version": meta["version"],
-            "path": dg.MetadataValue.path(str(store.root / "predictions")),
+            # one fold: its artifact; a range: the folder of every fold's
+            **uri(art.path if len(context.partition_keys) == 1 else store.root / "predictions"),
         }
     )

@@ -339,6 +339,23 @@ def feature_columns(cfg: FeatureConfig, series: Sequence[str] = MACRO_SERIES) ->
     ]
 
 
+def feature_schema(
+    cfg: FeatureConfig, series: Sequence[str] = MACRO_SERIES
+) -> dict[str, pl.DataType]:
+    """The columns and types of a features snapshot, in order: the bars as stored in the
+    warehouse (symbol, ts, OHLCV), then `feature_columns`. Ages in days (since a macro value's
+    publication, since the on-chain row) are integers; every other feature is a float."""
+    from warehouse.schema import OHLCV
+
+    return {
+        **OHLCV.columns,
+        **{
+            c: pl.Int64() if c.endswith("_age_days") else pl.Float64()
+            for c in feature_columns(cfg, series)
+        },
+    }
+
+
 def _price_features(bars: pl.LazyFrame, cfg: FeatureConfig) -> pl.LazyFrame:
     """Indicators on one symbol's bars in time order, in pandas-ta units where pandas-ta has
     them, then the price-level ones divided by the close for models."""

@@ -62,6 +62,18 @@ def label_columns(cfg: LabelConfig) -> list[str]:
     )
 
 
+def label_schema(cfg: LabelConfig) -> dict[str, pl.DataType]:
+    """The columns and types of a labels snapshot, in order: the bar's key, `label_columns`
+    (the direction class is a small integer: 0 down, 1 flat, 2 up), then `label_end_ts`."""
+    direction = f"direction_{cfg.direction_horizon}"
+    return {
+        "symbol": pl.String(),
+        "ts": pl.Datetime("us"),
+        **{c: pl.Int8() if c == direction else pl.Float64() for c in label_columns(cfg)},
+        "label_end_ts": pl.Datetime("us"),
+    }
+
+
 def path_quantile_column(q: float, horizon: int) -> str:
     """`fwd_ret_p10_90`: the 10th percentile of the next 90 bars' cumulative log returns."""
     return f"fwd_ret_p{round(100 * q):02d}_{horizon}"

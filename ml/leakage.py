@@ -55,39 +55,89 @@ def truncate_raw(
     )
 
 
+# Tuesday to Friday: FRED publishes on the business day after an observation, so a cut on one of
+# these days has a value published that very day, which a leak of one day would read too early
+# (a cut on a Sunday or Monday has none, and cannot see that leak)
+_PUBLICATION_WEEKDAYS = (1, 2, 3, 4)
+
+
 def default_cuts(ts: pl.Series, n: int = 3) -> list[datetime]:
-    """`n` day boundaries spread over the later half of the data (after the warm-up)."""
+    """`n` day boundaries spread over the later half of the data (after the warm-up), each moved
+    to the next day that is a different weekday of Tuesday to Friday, then the last day of the
+    data: every row but the newest day's is compared at some cut."""
     days = ts.dt.truncate("1d").unique().sort()
     if days.len() < 4:
         return []
     picks = [0.5 + 0.4 * i / max(n - 1, 1) for i in range(n)]
-    return sorted({days[min(int(days.len() * p), days.len() - 1)] for p in picks})
+    cuts = set()
+    for i, p in enumerate(picks):
+        at = min(int(days.len() * p), days.len() - 1)
+        weekday = _PUBLICATION_WEEKDAYS[i % len(_PUBLICATION_WEEKDAYS)]
+        later = days.slice(at).filter(days.slice(at).dt.weekday() == weekday + 1)
+        cuts.add(later[0] if later.len() else days[at])
+    cuts.add(days[-1])
+    return sorted(cuts)
 
 
-def _mismatches(full: pl.DataFrame, cut: pl.DataFrame, columns: Sequence[str], tol: float):
-    joined = full.select(["symbol", "ts", *columns]).join(
-        cut.select(["symbol", "ts", *columns]), on=["symbol", "ts"], how="left", suffix="__cut"
+def _mismatches(
+    full: pl.DataFrame, cut: pl.DataFrame, columns: Sequence[str], tol: float, name: str = "full"
+):
+    # a column the truncated run lacks (say a macro series first published after the cut) is
+    # null on every row there; the rows of `full` before the cut must then be null too
+    absent = [c for c in columns if c not in cut.columns]
+    cut = cut.select("symbol", "ts", *(c for c in columns if c in cut.columns)).with_columns(
+        [pl.lit(None, pl.Float64).alias(c) for c in absent]
     )
-    parts = []
-    for c in columns:
+    # the stored snapshot is read back from Parquet: align the key types with the recomputation
+    cut = cut.with_columns(
+        pl.col("symbol").cast(full.schema["symbol"]), pl.col("ts").cast(full.schema["ts"])
+    )
+    joined = full.select(["symbol", "ts", *columns]).join(
+        cut, on=["symbol", "ts"], how="left", suffix="__cut"
+    )
+
+    def differs(c: str) -> pl.Expr:
         a, b = pl.col(c), pl.col(f"{c}__cut")
-        differs = (
+        return (
             (a.is_null() != b.is_null())
             | (a.is_nan() != b.is_nan()).fill_null(False)
-            | ((a - b).abs() > tol * (1.0 + a.abs())).fill_null(False)
+            # an infinite value equals only itself (|inf - x| > tol * inf is false)
+            | ((a.is_infinite() | b.is_infinite()) & (a != b)).fill_null(False)
+            # relative to the recomputed value: the reference side may be what a leak wrote
+            | ((a - b).abs() > tol * (1.0 + b.abs())).fill_null(False)
         )
-        bad = joined.filter(differs)
-        if bad.height:
-            parts.append(
-                bad.select(
-                    "symbol",
-                    "ts",
-                    pl.lit(c).alias("column"),
-                    a.cast(pl.Float64).alias("full_value"),
-                    b.cast(pl.Float64).alias("truncated_value"),
-                )
-            )
+
+    # one pass over every column first; the offending rows only of the columns that differ
+    flagged = joined.select([differs(c).any().alias(c) for c in columns]).row(0, named=True)
+    parts = [
+        joined.filter(differs(c)).select(
+            "symbol",
+            "ts",
+            pl.lit(c).alias("column"),
+            pl.col(c).cast(pl.Float64).alias(f"{name}_value"),
+            pl.col(f"{c}__cut").cast(pl.Float64).alias("truncated_value"),
+        )
+        for c in columns
+        if flagged[c]
+    ]
     return pl.concat(parts) if parts else None
+
+
+def _first_offenders(offending: pl.DataFrame, max_columns: int = 10) -> str:
+    """'column at ts (symbol, cut day)' for the earliest offending row of each column."""
+    firsts = (
+        offending.sort(["ts", "cut", "symbol"])
+        .group_by("column", maintain_order=True)
+        .first()
+        .sort(["ts", "column"])
+    )
+    named = [
+        f"{r['column']} at {r['ts']} ({r['symbol']}, "
+        + (f"cut {r['cut']:%Y-%m-%d})" if r["cut"] is not None else "all the data)")
+        for r in firsts.head(max_columns).iter_rows(named=True)
+    ]
+    more = firsts.height - len(named)
+    return "; ".join(named) + (f"; and {more} more columns" if more > 0 else "")
 
 
 def check_truncation_invariance(
@@ -98,30 +148,78 @@ def check_truncation_invariance(
     columns: Sequence[str],
     cuts: Sequence[datetime] | None = None,
     tol: float = 1e-9,
+    stored: pl.DataFrame | None = None,
 ) -> LeakageReport:
-    """Features recomputed on the raw data cut at each date equal the full run's features on
+    """Features recomputed on the raw data cut at each date equal the reference features on
     every row before the cut. A feature that reads a later bar, an on-chain day not yet over or a
-    macro value before its publication changes when the future is cut off, and is named here."""
-    rule = "truncation_invariance(features at t depend only on data known at t)"
+    macro value before its publication changes when the future is cut off, and is named here.
+
+    The reference is `stored` when given: the features as a pipeline stored them (the snapshot
+    downstream assets read), so that a leak in whatever code wrote them is caught, not only one
+    in `compute`. Without it the reference is `compute` on the full raw data. With `stored`, every
+    stored row is also compared with `compute` on all the raw data (rows after the last cut
+    included): a difference there means the snapshot is not what the feature code makes of the
+    raw tables (other code wrote it, or the raw tables changed since); a difference only at
+    the cuts means the feature definitions read the future.
+    """
+    what = "stored features" if stored is not None else "features"
+    reference = "stored" if stored is not None else "full"
+    rule = f"truncation_invariance({what} at t depend only on data known at t)"
     cuts = list(cuts) if cuts is not None else default_cuts(ohlcv["ts"])
-    full = compute(ohlcv, onchain, macro)
+    full = stored if stored is not None else compute(ohlcv, onchain, macro)
     missing = [c for c in columns if c not in full.columns]
     if missing:
         bad = pl.DataFrame({"column": missing})
-        return _report(rule, 0, bad, f"model columns missing from the features: {missing}")
+        return _report(rule, 0, bad, f"model columns missing from the {what}: {missing}")
     found, checked = [], 0
+    whole = None
+    if stored is not None:  # every stored row against the feature code on all the raw data
+        checked += stored.height
+        whole = _mismatches(stored, compute(ohlcv, onchain, macro), columns, tol, reference)
+        if whole is not None:
+            found.append(whole.with_columns(cut=pl.lit(None, pl.Datetime("us"))))
     for cut in cuts:
         part = compute(*truncate_raw(ohlcv, onchain, macro, cut))
         before = full.filter(pl.col("ts") < cut)
         checked += before.height
-        bad = _mismatches(before, part, columns, tol)
+        bad = _mismatches(before, part, columns, tol, reference)
         if bad is not None:
-            found.append(bad.with_columns(cut=pl.lit(cut)))
-    offending = pl.concat(found).sort(["cut", "ts", "symbol"]) if found else pl.DataFrame()
+            found.append(bad.with_columns(cut=pl.lit(cut).cast(pl.Datetime("us"))))
+    offending = (
+        pl.concat(found).sort(["cut", "ts", "symbol"], nulls_last=False)
+        if found
+        else pl.DataFrame()
+    )
     detail = f"cuts {[f'{c:%Y-%m-%d}' for c in cuts]}, {len(columns)} columns"
-    if found:
-        cols = offending["column"].unique(maintain_order=True).to_list()
-        detail += f"; columns that changed: {cols}"
+    if stored is not None:
+        detail += ", and every stored row against the features of all the raw data"
+    if whole is not None:
+        cols = whole["column"].unique(maintain_order=True).to_list()
+        detail += (
+            f"; columns that differ from the feature code's output on all the raw data: {cols};"
+            f" first offending rows: {_first_offenders(offending.filter(pl.col('cut').is_null()))}"
+            ". The stored snapshot is not what the current feature code computes from the"
+            " current raw tables: code other than the features asset's wrote it (a leak in the"
+            " asset's own code path), or the raw tables changed after it was written"
+            " (materialize features again); do not train on this snapshot"
+        )
+    at_cuts = offending.filter(pl.col("cut").is_not_null()) if found else offending
+    if at_cuts.height:
+        cols = at_cuts["column"].unique(maintain_order=True).to_list()
+        detail += (
+            f"; columns that changed at the cuts: {cols}; first offending rows:"
+            f" {_first_offenders(at_cuts)}."
+            f" The {what} on these rows ({reference}_value) differ from the features"
+            " recomputed on the raw data known before the cut (truncated_value): they depend on"
+            " data after their time, a look-ahead leak"
+        )
+        if stored is not None:
+            detail += (
+                " in the code that wrote the snapshot or in the feature definitions (or the raw"
+                " tables changed after the snapshot was written); do not train on this snapshot."
+            )
+        else:
+            detail += " in the feature definitions."
     return _report(rule, checked, offending, detail)
 
 

@@ -1,7 +1,7 @@
 """Alerts: a failed run, or a blocking quality or leakage check that stopped one, is logged and,
 with a webhook configured, posted as JSON.
 
-`run_failure_alert` is a run-failure sensor over the code location's jobs (including the
+`run_failure_alert` (pipelines/defs/sensors.py) is a run-failure sensor over the code location's jobs (including the
 `dagster asset materialize` runs). When the run failed because blocking checks failed it says
 so and names them (kind "blocking_check_failure"); otherwise it reports the error (kind
 "run_failure"). The webhook URL comes from the environment variable MAMBACAST_ALERT_WEBHOOK
@@ -109,16 +109,3 @@ def failure_payload(context: dg.RunFailureSensorContext) -> dict:
         "partitions": partitions,
         "failed_checks": checks,
     }
-
-
-@dg.run_failure_sensor(
-    name="run_failure_alert",
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    # runs of `dagster asset materialize` (make demo, make evaluate) carry no code-location
-    # origin; without this the sensor would see only runs launched by schedules or the UI
-    monitor_all_code_locations=True,
-    description="Every failed run (and every blocking check failure that stopped one) is logged "
-    "and, with MAMBACAST_ALERT_WEBHOOK set, posted to that webhook as JSON.",
-)
-def run_failure_alert(context: dg.RunFailureSensorContext, alerts: AlertsResource) -> None:
-    alerts.send(failure_payload(context), context.log)

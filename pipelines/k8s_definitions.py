@@ -1,5 +1,5 @@
-"""The Kubernetes code location: the project's Definitions (pipelines/definitions.py: the same
-assets, checks, jobs, schedules, sensor and resources) with every step of a run in a Kubernetes
+"""The Kubernetes code location: the project's definitions (pipelines/definitions.py: the same
+assets, checks, jobs, schedules, sensor and resources, loaded the same way) with every step of a run in a Kubernetes
 Job of its own (dagster-k8s `k8s_job_executor`).
 
     dagster api grpc -m pipelines.k8s_definitions ...   # the code server in the cluster
@@ -69,12 +69,7 @@ def mambacast_k8s_executor(init_context: dg.InitExecutorContext):
     return k8s_job_executor.executor_creation_fn(init_context._replace(executor_config=config))
 
 
-defs = dg.Definitions(
-    assets=local.ALL_ASSETS,
-    asset_checks=local.defs.asset_checks,
-    jobs=local.defs.jobs,
-    schedules=local.defs.schedules,
-    sensors=local.defs.sensors,
-    resources=local.default_resources(),
-    executor=mambacast_k8s_executor,
-)
+@dg.definitions
+def defs() -> dg.Definitions:
+    """The local code location's definitions (pipelines/definitions.py) with a Job per step."""
+    return local.project_definitions(mambacast_k8s_executor)

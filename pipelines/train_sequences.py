@@ -121,7 +121,14 @@ def train_sequence_models(
                 )
             )
             log(f"[{done}/{total}] fold {key} {kind} done")
-    return {"artifacts": summary, "device": str(device), "seeds": list(seeds)}
+    # one artifact: its folder; more (several models or folds): the artifacts' root
+    where = Path(summary[0]["path"]) if len(summary) == 1 else store.root
+    return {
+        "artifacts": summary,
+        "device": str(device),
+        "seeds": list(seeds),
+        "uri": where.resolve().as_uri(),
+    }
 
 
 def _summarize(art: Artifact, log: Callable[[str], None]) -> dict[str, Any]:
@@ -132,6 +139,7 @@ def _summarize(art: Artifact, log: Callable[[str], None]) -> dict[str, Any]:
         "fold": art.partition,
         "model": art.kind,
         "version": art.version,
+        "path": str(art.path),
         "reused": not art.created,
         "parameters": md.get("parameters"),
         "val_loss_mean": round(sum(md["val_loss"]) / len(md["val_loss"]), 4)
@@ -288,6 +296,8 @@ def _main(info: distributed.DistInfo, piped: bool, open_dagster_pipes: Callable)
             pipes.report_asset_materialization(
                 metadata={
                     "artifacts": {"raw_value": md["artifacts"], "type": "json"},
+                    # where the artifacts are: <data>/artifacts/<model>/<fold>/<version>
+                    "dagster/uri": {"raw_value": md["uri"], "type": "text"},
                     "device": md["device"],
                     "seeds": {"raw_value": md["seeds"], "type": "json"},
                 },

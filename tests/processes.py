@@ -30,6 +30,8 @@ def instance_env(tmp_path: Path) -> dict[str, str]:
         "MAMBACAST_DATA_DIR": str(tmp_path / "data"),
         "DAGSTER_HOME": str(home),
         "DAGSTER_EMIT_PARTITION_SUBSET_IN_PLANNED_EVENTS": "true",
+        # dg runs in the project's virtualenv (the Makefile sets it too)
+        "VIRTUAL_ENV": str(BIN.parent),
     }
     # as `make instance` does: create the storage schemas before runs can start concurrently
     subprocess.run(
@@ -43,9 +45,11 @@ def instance_env(tmp_path: Path) -> dict[str, str]:
 
 
 def ui_command(port: int, *program: str) -> list[str]:
-    """The webserver (or `"dagster", "dev"`, what `make ui` runs) on workspace.yaml, on
-    127.0.0.1 and `port`."""
+    """The webserver (or `"dagster", "dev"`) on workspace.yaml, or `"dg", "dev"` (what `make ui`
+    runs) on the project's [tool.dg] code location; on 127.0.0.1 and `port`."""
     name, *args = program or ("dagster-webserver",)
+    if name == "dg":  # run with VIRTUAL_ENV set (instance_env), as the Makefile runs it
+        return [str(BIN / name), *args, "--host", "127.0.0.1", "--port", str(port)]
     return [str(BIN / name), *args, "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)]
 
 

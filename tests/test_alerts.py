@@ -12,8 +12,9 @@ import pytest
 from assets.ingest import INGEST_ASSETS
 from assets.quality import QUALITY_CHECKS
 from assets.resources import MarketSourcesResource
-from pipelines.alerts import AlertsResource, run_failure_alert
-from pipelines.definitions import default_resources
+from pipelines.alerts import AlertsResource
+from pipelines.defs.resources import default_resources
+from pipelines.defs.sensors import run_failure_alert
 from tests.httpfixture import Reply, http_server_fixture  # noqa: F401 (fixture)
 from warehouse.sources.base import register
 from warehouse.sources.synthetic import SyntheticOHLCV
@@ -135,7 +136,7 @@ def test_the_sensor_alerts_on_runs_without_a_code_location_like_cli_runs(tmp_pat
     def tick(cursor):
         ctx = dg.build_sensor_context(
             instance=instance,
-            repository_def=defs.get_repository_def(),
+            repository_def=defs().get_repository_def(),
             repository_name="__repository__",
             cursor=cursor,
             resources=resources,

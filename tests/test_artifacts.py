@@ -80,3 +80,47 @@ def test_the_manifest_records_metadata_the_writer_adds_while_writing(paths):
     again = store.write("mamba2", "2021", "v1", lambda folder: None, {"fold": "2021"})
     assert not again.created
     assert again.manifest["metadata"] == {"fold": "2021", "val_loss": [0.97], "steps": 120}
+
+
+def test_a_cleaner_removing_the_new_temporary_folder_before_it_is_opened_is_retried(
+    paths, monkeypatch
+):
+    """Another writer's cleanup can remove a just-made temporary folder before this writer
+    opens it to lock it: the write takes a new name instead of failing."""
+    import os
+    from pathlib import Path
+
+    import warehouse.artifacts as artifacts
+
+    store = ArtifactStore(paths.artifacts)
+    store.write("model", "holdout", "v1", _writer("one"), {})
+    real_open, fired = os.open, []
+
+    def open_after_cleanup(path, *args, **kwargs):
+        if not fired and artifacts._TMP_DIR.fullmatch(Path(path).name):
+            fired.append(path)
+            artifacts._remove_abandoned(Path(path).parent)  # removes it: not locked yet
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_after_cleanup)
+    art = store.write("model", "holdout", "v2", _writer("two"), {})
+    monkeypatch.undo()
+    assert fired and not Path(fired[0]).exists()
+    assert art.created and art.file("weights.txt").read_text() == "two"
+    assert [m["version"] for m in store.list("model", "holdout")] == ["v1", "v2"]
+
+
+@pytest.mark.parametrize("segment", [".x." + "0" * 32 + ".tmp", ".hidden", ".", ".."])
+def test_segments_starting_with_a_dot_are_refused(paths, segment):
+    """A version named like a temporary folder would be listed, then deleted by the next
+    write as abandoned; such names (and `.`/`..`) are refused for every segment."""
+    store = ArtifactStore(paths.artifacts)
+    for kind, part, version in ((segment, "p", "v1"), ("model", segment, "v1")):
+        with pytest.raises(ArtifactError, match="Invalid artifact"):
+            store.write(kind, part, version, _writer("x"), {})
+    with pytest.raises(ArtifactError, match="Invalid artifact version"):
+        store.write("model", "holdout", segment, _writer("x"), {})
+    assert not paths.artifacts.exists() or not list(paths.artifacts.rglob("*"))
+    store.write("model", "holdout", "v.1", _writer("x"), {})  # a dot inside is fine
+    store.write("model", "holdout", "v2", _writer("y"), {})
+    assert [m["version"] for m in store.list("model", "holdout")] == ["v.1", "v2"]

@@ -21,7 +21,7 @@ import pytest
 from assets.ingest import AuditFailure, ohlcv_bars, publish
 from assets.quality import QUALITY_CHECKS
 from assets.resources import MarketSourcesResource
-from pipelines.definitions import default_resources
+from pipelines.defs.resources import default_resources
 from tests.processes import BIN, ROOT, instance_env
 from warehouse import DataPaths, Warehouse
 from warehouse.quality import FRESHNESS_RULE, validate_window

@@ -1,6 +1,6 @@
 """The Dagster UI in a real browser (`pytest -k browser`).
 
-The UI is served the way `make ui` serves it (`dagster dev -w workspace.yaml`, on 127.0.0.1 and
+The UI is served the way `make ui` serves it (`dg dev`, on 127.0.0.1 and
 a free port) on a data directory where the demo has run (`python -m pipelines.run demo`, two
 `dagster asset materialize` runs), plus one more real CLI run that ingests a year of bars with
 one impossible bar (high below low) through the file connector, so that `ohlcv_quality` has a
@@ -13,7 +13,10 @@ failed evaluation in that instance (the ingest's audit of its staged write, roll
    rows, and the equity-curve plot as an image the browser decoded at the recorded PNG's size;
 4. opens the failed check (`ohlcv_quality`) and a passed one (`macro_quality`): the result,
    the evaluation's summary and a link to the run that evaluated it;
-5. opens the automation page and sees both schedules.
+5. opens the automation page and sees both schedules;
+6. opens the `ohlcv_bars` overview: its Columns section lists every column of the declared
+   schema (`dagster/column_schema`) with its type and constraint, and Storage names its DuckDB
+   table (`dagster/table_name`).
 
 Each page is saved as a screenshot in `$MAMBACAST_TEST_ARTIFACTS/browser/` (default
 `test-artifacts/browser/`), checked to be more than a blank page; a failing step leaves
@@ -166,7 +169,7 @@ def ui(demo, tmp_path_factory):
     together, also when the test fails."""
     port = free_port()
     log = tmp_path_factory.mktemp("browser-ui") / "dagster-dev.log"
-    cmd = with_default_sigint(ui_command(port, "dagster", "dev"))
+    cmd = with_default_sigint(ui_command(port, "dg", "dev"))
     with serving_ui(cmd, demo.env, port, log) as base:
         yield base
 
@@ -267,7 +270,7 @@ def test_browser_shows_the_demo_graph_backtest_checks_and_schedules(demo, page):
     expect(community).to_have_count(0)
 
     # 2. the global asset graph: one node per asset group (groups collapsed, as it opens)
-    groups = sorted({spec.group_name for spec in defs.resolve_all_asset_specs()})
+    groups = sorted({spec.group_name for spec in defs().resolve_all_asset_specs()})
     assert {"ingest", "features", "training", "backtest", "evaluation"} <= set(groups)
     page.goto("/asset-groups")
     expect(page.get_by_text("Global asset lineage", exact=True)).to_be_visible()
@@ -315,6 +318,24 @@ def test_browser_shows_the_demo_graph_backtest_checks_and_schedules(demo, page):
 
     # 5. the schedules, on the automation page
     page.goto("/automation")
-    for schedule in defs.schedules:
+    for schedule in defs().schedules:
         expect(page.get_by_text(schedule.name, exact=True)).to_be_visible()
     _screenshot(page, "08-schedules")
+
+    # 6. a table's column view: the ingest table's declared schema (dagster/column_schema, from
+    # warehouse/schema.py) in the asset's overview, and its DuckDB name (dagster/table_name)
+    spec = {s.key.to_user_string(): s for s in defs().resolve_all_asset_specs()}["ohlcv_bars"]
+    schema = spec.metadata["dagster/column_schema"]
+    page.goto("/assets/ohlcv_bars?view=overview")
+    expect(page.get_by_text("Columns", exact=True)).to_be_visible()
+    for column in schema.columns:
+        name = page.get_by_role("cell", name=column.name, exact=True)
+        row = page.get_by_role("row").filter(has=name)
+        expect(row).to_have_count(1)
+        expect(row).to_contain_text(column.type)
+        if not column.constraints.nullable:
+            expect(row).to_contain_text("non-nullable")
+    typed = page.get_by_role("row").filter(has_text=re.compile(r"VARCHAR|TIMESTAMP|DOUBLE"))
+    expect(typed).to_have_count(len(schema.columns))
+    expect(page.get_by_text(spec.metadata["dagster/table_name"], exact=True).first).to_be_visible()
+    _screenshot(page, "09-table-columns")

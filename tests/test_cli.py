@@ -41,6 +41,21 @@ def _ingest_command(year: str) -> list[str]:
     ]
 
 
+def _dg_launch_command(year: str) -> list[str]:
+    """The same run through the dg CLI, on the project's [tool.dg] code location."""
+    config = {"resources": {"sources": {"config": {"until": UNTIL}}}}
+    return [
+        str(BIN / "dg"),
+        "launch",
+        "--assets",
+        "ohlcv_bars,onchain_metrics,macro_series",
+        "--partition",
+        year,
+        "--config-json",
+        json.dumps(config),
+    ]
+
+
 def _expected_rows(*windows: tuple[datetime, datetime]) -> dict[str, int]:
     """What the default (synthetic) sources hold for the windows."""
     sources = MarketSourcesResource()
@@ -51,13 +66,14 @@ def _expected_rows(*windows: tuple[datetime, datetime]) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_dagster_asset_materialize_one_partition_lands_in_the_warehouse_and_the_instance(
+def test_dagster_asset_materialize_and_dg_launch_land_one_partition_in_warehouse_and_instance(
     tmp_path, monkeypatch
 ):
     env = instance_env(tmp_path)
     monkeypatch.setenv("DAGSTER_HOME", env["DAGSTER_HOME"])
-    cmd = _ingest_command("2024")
-    for _ in range(2):  # the second run replaces the partition instead of adding to it
+    # `dagster asset materialize`, then `dg launch`: the second run replaces the partition
+    # instead of adding to it
+    for cmd in (_ingest_command("2024"), _dg_launch_command("2024")):
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     wh = Warehouse(DataPaths.at(env["MAMBACAST_DATA_DIR"]))
@@ -69,6 +85,13 @@ def test_dagster_asset_materialize_one_partition_lands_in_the_warehouse_and_the_
         runs = instance.get_runs()
         assert len(runs) == 2 and all(r.is_success for r in runs)
         assert runs[0].tags["dagster/partition"] == "2024"
+        # a one-partition run records Dagster's table keys: the partition's rows, the table's
+        for asset, table in (("ohlcv_bars", "ohlcv"), ("macro_series", "macro")):
+            event = instance.get_latest_materialization_event(dg.AssetKey(asset))
+            md = event.asset_materialization.metadata
+            assert md["dagster/partition_row_count"].value == expected[table]
+            assert md["dagster/row_count"].value == wh.count(table)
+            assert md["dagster/table_name"].value == f"warehouse.main.{table}"
 
 
 @pytest.mark.slow
@@ -90,7 +113,7 @@ def test_webserver_serves_the_graph_on_localhost(tmp_path):
         got = {n["assetKey"]["path"][0]: n["groupName"] for n in nodes}
         assert got["ohlcv_bars"] == "ingest" and got["backtest"] == "backtest"
         # every asset of the definitions, in its group (not a hand-kept count)
-        graph = defs.resolve_asset_graph()
+        graph = defs().resolve_asset_graph()
         assert got == {
             k.to_user_string(): graph.get(k).group_name for k in graph.get_all_asset_keys()
         }

@@ -7,7 +7,8 @@ from pathlib import Path
 import dagster as dg
 
 from assets.partitions import fold_partitions
-from pipelines.definitions import daily_refresh_schedule, defs, weekly_retrain_schedule
+from pipelines.definitions import defs
+from pipelines.defs.schedules import daily_refresh_schedule, weekly_retrain_schedule
 
 EXPECTED_GRAPH = {
     "ohlcv_bars": [],
@@ -54,7 +55,7 @@ TRAINING_STACK = ("torch", "arch", "scipy", "matplotlib", "lightgbm", "sklearn",
 
 
 def test_asset_graph_has_the_expected_keys_and_edges():
-    graph = defs.resolve_asset_graph()
+    graph = defs().resolve_asset_graph()
     got = {
         k.to_user_string(): sorted(p.to_user_string() for p in graph.get(k).parent_keys)
         for k in graph.get_all_asset_keys()
@@ -63,7 +64,7 @@ def test_asset_graph_has_the_expected_keys_and_edges():
 
 
 def test_assets_are_in_their_stage_groups():
-    graph = defs.resolve_asset_graph()
+    graph = defs().resolve_asset_graph()
     groups: dict[str, set[str]] = {}
     for key in graph.get_all_asset_keys():
         groups.setdefault(graph.get(key).group_name, set()).add(key.to_user_string())
@@ -71,7 +72,7 @@ def test_assets_are_in_their_stage_groups():
 
 
 def test_ingest_assets_are_yearly_partitioned_from_1960_with_single_run_backfills():
-    graph = defs.resolve_asset_graph()
+    graph = defs().resolve_asset_graph()
     for name in EXPECTED_GROUPS["ingest"]:
         node = graph.get(dg.AssetKey(name))
         keys = node.partitions_def.get_partition_keys(
@@ -102,7 +103,7 @@ def test_walk_forward_folds_are_yearly_partitions_through_the_current_year():
 
 
 def test_quality_and_leakage_checks_are_attached_and_blocking():
-    graph = defs.resolve_asset_graph()
+    graph = defs().resolve_asset_graph()
     checks = {(k.asset_key.to_user_string(), k.name) for k in graph.asset_check_keys}
     assert checks == {
         ("ohlcv_bars", "ohlcv_quality"),
@@ -116,19 +117,19 @@ def test_quality_and_leakage_checks_are_attached_and_blocking():
         ("training_dataset", "training_scalers_fit_on_train_only"),
     }
     warnings_only = {"ohlcv_extreme_moves"}  # a one-bar jump is worth a look, not a stop
-    for check_def in defs.asset_checks:
+    for check_def in defs().asset_checks:
         for spec in check_def.check_specs:
             assert spec.blocking == (spec.name not in warnings_only), spec.key
 
 
 def test_jobs_schedules_and_resources():
-    jobs = {j.name for j in defs.resolve_all_job_defs()}
+    jobs = {j.name for j in defs().resolve_all_job_defs()}
     assert {"ingest_job", "features_job", "daily_refresh_job", "retrain_job"} <= jobs
     assert daily_refresh_schedule.job_name == "daily_refresh_job"
     assert daily_refresh_schedule.cron_schedule == "0 1 * * *"
     assert weekly_retrain_schedule.job_name == "retrain_job"
-    assert set(defs.resources) == {"warehouse", "sources", "training_launcher", "alerts"}
-    assert {s.name for s in defs.sensors} == {"run_failure_alert"}
+    assert set(defs().resources) == {"warehouse", "sources", "training_launcher", "alerts"}
+    assert {s.name for s in defs().sensors} == {"run_failure_alert"}
 
 
 def _range(request: dg.RunRequest) -> tuple[str, str]:
@@ -191,7 +192,7 @@ def test_daily_refresh_runs_yesterdays_year_incrementally_and_catches_up_across_
         (request,) = _tick(instance, datetime(2025, 1, 21, 1, 0, tzinfo=UTC)).run_requests
         assert request.run_config == {"execution": {"config": {"in_process": True}}}
         assert "ohlcv_bars:ohlcv_quality" in request.tags["mambacast/refresh"]
-    job = defs.resolve_job_def("daily_refresh_job")
+    job = defs().resolve_job_def("daily_refresh_job")
     selected = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
     assert selected == EXPECTED_GROUPS["ingest"] | EXPECTED_GROUPS["features"] | {"latest_forecast"}
 
@@ -217,3 +218,148 @@ def test_loading_the_definitions_imports_no_training_stack():
         check=True,
     )
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+# -- the dg project: autoloading, no hand-kept lists, the preloaded forkserver ------------------
+def test_a_new_asset_module_is_in_the_graph_by_being_in_the_assets_package(tmp_path):
+    # a module dropped into the package (here: a folder added to the package's path, so the
+    # checkout stays untouched) is loaded with its asset and its check, no list edited
+    (tmp_path / "probe_asset.py").write_text(
+        "import dagster as dg\n"
+        "@dg.asset(group_name='probe')\n"
+        "def probe_table():\n"
+        "    return None\n"
+        "@dg.asset_check(asset=probe_table)\n"
+        "def probe_check():\n"
+        "    return dg.AssetCheckResult(passed=True)\n"
+    )
+    code = (
+        "import json, assets; "
+        f"assets.__path__.append({str(tmp_path)!r}); "
+        "from pipelines.definitions import defs; "
+        "g = defs().resolve_asset_graph(); "
+        "print(json.dumps([sorted(k.to_user_string() for k in g.get_all_asset_keys()), "
+        "sorted(k.to_user_string() for k in g.asset_check_keys)]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keys, checks = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(keys) == {*EXPECTED_GRAPH, "probe_table"}
+    assert "probe_table:probe_check" in checks
+
+
+def test_jobs_schedules_sensors_and_resources_come_from_the_defs_folder():
+    from pipelines.defs import jobs, resources, schedules, sensors
+
+    def names(module, kind):
+        return {v.name for v in vars(module).values() if isinstance(v, kind)}
+
+    job_kinds = (dg.JobDefinition, type(jobs.ingest_job))  # define_asset_job's unresolved job
+    loaded = defs()
+    assert {j.name for j in loaded.jobs} == names(jobs, job_kinds) != set()
+    assert {s.name for s in loaded.schedules} == names(schedules, dg.ScheduleDefinition) != set()
+    assert {s.name for s in loaded.sensors} == names(sensors, dg.SensorDefinition) != set()
+    assert set(loaded.resources) == set(resources.default_resources())
+    # each module holds its own kind only (imports are of modules, so nothing is loaded twice)
+    assert names(schedules, job_kinds) == names(jobs, dg.ScheduleDefinition) == set()
+
+
+def test_the_code_location_module_keeps_no_list_of_assets_or_checks():
+    import pipelines.definitions as module
+
+    for name, value in vars(module).items():
+        assert not isinstance(value, dg.AssetsDefinition | dg.AssetChecksDefinition), name
+        if type(value) in (list, tuple):
+            assert not any(
+                isinstance(v, dg.AssetsDefinition | dg.AssetChecksDefinition) for v in value
+            ), name
+
+
+def test_the_forkserver_preloads_every_asset_module_and_builds_the_definitions_once():
+    from pipelines.definitions import MULTIPROCESS
+
+    preload = MULTIPROCESS["start_method"]["forkserver"]["preload_modules"]
+    root = Path(__file__).resolve().parents[1]
+    on_disk = {f"assets.{p.stem}" for p in (root / "assets").glob("*.py") if p.stem != "__init__"}
+    on_disk |= {f"pipelines.defs.{p.stem}" for p in (root / "pipelines" / "defs").glob("*.py")} - {
+        "pipelines.defs.__init__"
+    }
+    assert on_disk <= set(preload)
+    assert preload.index("pipelines.preload") > max(preload.index(m) for m in on_disk)
+    # what the forkserver does: import the preload modules in order; a step's load is then a hit
+    code = (
+        "import importlib, json; "
+        f"[importlib.import_module(m) for m in {preload!r}]; "
+        "import pipelines.definitions as d; "
+        "before = d.project_definitions.cache_info(); d.defs(); "
+        "after = d.project_definitions.cache_info(); "
+        "print(json.dumps([before.currsize, after.hits - before.hits, after.misses - before.misses]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [1, 1, 0]
+
+
+# -- Dagster's standard metadata on the definitions --------------------------------------------
+TABLE_ASSETS = {
+    "ohlcv_bars": "ohlcv",
+    "onchain_metrics": "onchain",
+    "macro_series": "macro",
+    "latest_forecast": "forecasts",
+    "features": "lake_features",
+    "labels": "lake_labels",
+    "training_dataset": "lake_training_dataset",
+}
+
+
+def test_every_table_asset_declares_its_columns_and_table_name():
+    from ml.features import FeatureConfig, feature_schema
+    from ml.labels import LabelConfig, label_schema
+    from warehouse.schema import TABLES, duckdb_type
+
+    specs = {s.key.to_user_string(): s for s in defs().resolve_all_asset_specs()}
+    declared = {
+        name: spec.metadata
+        for name, spec in specs.items()
+        if "dagster/column_schema" in spec.metadata
+    }
+    assert set(declared) == set(TABLE_ASSETS)
+    for name, table in TABLE_ASSETS.items():
+        md = declared[name]
+        assert md["dagster/table_name"] == f"warehouse.main.{table}"
+        columns = {c.name: c for c in md["dagster/column_schema"].columns}
+        expected = (
+            TABLES[table].columns
+            if table in TABLES
+            else {
+                "lake_features": feature_schema(FeatureConfig()),
+                "lake_labels": label_schema(LabelConfig()),
+            }.get(table)
+        )
+        if expected is None:  # the dataset: the bar, every candidate model column, the labels
+            assert {"symbol", "ts", "close", "log_ret_1", "fwd_ret_90"} <= set(columns)
+            continue
+        assert {c: col.type for c, col in columns.items()} == {
+            c: duckdb_type(t) for c, t in expected.items()
+        }, name
+        key = TABLES[table].key if table in TABLES else ("symbol", "ts")
+        assert {c for c, col in columns.items() if not col.constraints.nullable} == set(key)
+
+
+def test_a_reload_of_the_component_tree_keeps_every_asset_and_check():
+    # Dagster's code servers can rebuild a location from its component tree (reload with
+    # state): the assets and checks are inside the defs folder, so they survive it
+    loaded = defs()
+    reloaded = loaded.get_repository_def().get_component_tree().reload_with_state([])
+    graph, again = loaded.resolve_asset_graph(), reloaded.resolve_asset_graph()
+    assert again.get_all_asset_keys() == graph.get_all_asset_keys()
+    assert again.asset_check_keys == graph.asset_check_keys
+    assert {j.name for j in reloaded.jobs} == {j.name for j in loaded.jobs}

@@ -125,17 +125,56 @@ def test_onchain_ratios_and_difficulty_ribbon(feats, synthetic_onchain):
     assert row["active_addresses_growth_30"][0] == pytest.approx(np.log(weekly[i] / weekly[i - 30]))
 
 
-def test_features_do_not_change_when_future_rows_are_removed(
-    synthetic_ohlcv, synthetic_onchain, synthetic_macro, feats
-):
+TRUNCATION_CUTS = (datetime(2018, 6, 30), datetime(2020, 1, 15))
+
+
+def _known_before(cut: datetime, ohlcv, onchain, macro):
+    """The raw data as known before `cut`: bars opened before it, macro values published before
+    its day, and on-chain days whose totals were complete before the last bar kept: day d's
+    totals are known only when d is over and feed bar d + 1, so the bar of the day before the
+    cut (the last one kept) must not see the totals of its own day (date + 1 < the cut's day)."""
+    day = cut.date()
+    return (
+        ohlcv.filter(pl.col("ts") < cut),
+        onchain.filter(pl.col("date") + pl.duration(days=1) < day),
+        macro.filter(pl.col("published") < day),
+    )
+
+
+def _changed_by_truncation(compute, ohlcv, onchain, macro) -> list[datetime]:
+    """The cuts at which the features of the rows before the cut change when the raw data is
+    cut there."""
     cols = ["symbol", "ts", *model_feature_columns(FeatureConfig())]
-    for cut in (datetime(2018, 6, 30), datetime(2020, 1, 15)):
-        ohlcv = synthetic_ohlcv.filter(pl.col("ts") <= cut)
-        onchain = synthetic_onchain.filter(pl.col("date") <= cut.date())
-        macro = synthetic_macro.filter(pl.col("published") <= cut.date())
-        truncated = compute_features(ohlcv, onchain, macro).select(cols)
-        full = feats.filter(pl.col("ts") <= cut).select(cols)
-        assert truncated.equals(full), f"features up to {cut} depend on later data"
+    full = compute(ohlcv, onchain, macro)
+    changed = []
+    for cut in TRUNCATION_CUTS:
+        truncated = compute(*_known_before(cut, ohlcv, onchain, macro)).select(cols)
+        if not truncated.equals(full.filter(pl.col("ts") < cut).select(cols)):
+            changed.append(cut)
+    return changed
+
+
+def test_features_do_not_change_when_future_rows_are_removed(
+    synthetic_ohlcv, synthetic_onchain, synthetic_macro
+):
+    changed = _changed_by_truncation(
+        compute_features, synthetic_ohlcv, synthetic_onchain, synthetic_macro
+    )
+    assert not changed, f"features before {changed} depend on later data"
+
+
+def test_the_truncation_cut_sees_a_same_day_onchain_total(
+    synthetic_ohlcv, synthetic_onchain, synthetic_macro
+):
+    """The cut above is tight enough for the on-chain rule: features that use day d's totals at
+    bar d (every on-chain row moved a day earlier) change at every cut. With the totals of the
+    cut's own day kept (`date <= day`), this leak went unseen (issue 15, finding 2)."""
+
+    def same_day(o, c, m):
+        return compute_features(o, c.with_columns(date=pl.col("date") - pl.duration(days=1)), m)
+
+    changed = _changed_by_truncation(same_day, synthetic_ohlcv, synthetic_onchain, synthetic_macro)
+    assert changed == list(TRUNCATION_CUTS)
 
 
 def test_macro_values_are_used_only_once_published(

@@ -3,6 +3,7 @@
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
@@ -20,7 +21,8 @@ from ml.forecasters.neural import SequenceForecaster, SequenceSettings
 from ml.labels import LabelConfig
 from ml.sequence_names import SEQUENCE_MODEL_NAMES
 from ml.walkforward import Fold, assign_fold
-from pipelines.definitions import ALL_ASSETS, default_resources
+from pipelines.definitions import defs
+from pipelines.defs.resources import default_resources
 from pipelines.report import report
 from warehouse import ArtifactStore, DataPaths, Lake, Warehouse
 from warehouse.sources.base import SourceFetchError, register
@@ -46,6 +48,7 @@ FOLD_CONFIG = {
         "literature_baselines": {"config": SEQUENCE},
     }
 }
+ALL_ASSETS = list(defs().assets)
 EVERYTHING = [*ALL_ASSETS, *QUALITY_CHECKS, *LEAKAGE_CHECKS]
 ASSET_NAMES = {a.key.to_user_string() for a in ALL_ASSETS}
 
@@ -143,6 +146,57 @@ def test_outputs_are_in_the_lake_and_artifact_store(built):
     md = evaluation.asset_materializations_for_node("evaluation")[0].metadata
     assert md["path"].value == str(ev.path)
     assert set(md["folds"].value) == set(FOLDS)
+
+
+def test_tables_and_artifacts_carry_dagsters_standard_metadata(built):
+    from urllib.parse import urlparse
+
+    from assets.ingest import TABLE_OF
+    from warehouse.schema import duckdb_type
+
+    root, (upstream, folds, evaluation) = built
+    paths = DataPaths.at(root)
+    lake, wh = Lake(paths.lake), Warehouse(paths)
+    specs = {s.key.to_user_string(): s.metadata for s in defs().resolve_all_asset_specs()}
+
+    def md(result, name):
+        return result.asset_materializations_for_node(name)[0].metadata
+
+    # ingest, a range run (2016...2021): the table's DuckDB name, its rows, each year's rows
+    for name, table in TABLE_OF.items():
+        got = md(upstream, name)
+        assert got["dagster/table_name"].value == specs[name]["dagster/table_name"]
+        assert got["dagster/row_count"].value == wh.count(table)
+        stored = wh.read(table)
+        time = "ts" if "ts" in stored.columns else "date"
+        years = stored.group_by(pl.col(time).dt.year().cast(pl.String)).len()
+        expected = {str(y): 0 for y in range(int(START), int(END) + 1)} | dict(years.iter_rows())
+        assert got["partition_row_counts"].value == expected, name
+        assert "dagster/partition_row_count" not in got  # one count would be wrong for each year
+    # the lake tables: the stored frame's exact schema, its rows, a view DuckDB can query
+    with wh.connect() as con:
+        for name in ("features", "labels", "training_dataset"):
+            got = md(upstream, name)
+            stored = lake.read(name)
+            schema = {c.name: c.type for c in got["dagster/column_schema"].value.columns}
+            assert schema == {c: duckdb_type(t) for c, t in stored.schema.items()}, name
+            declared = {c.name: c.type for c in specs[name]["dagster/column_schema"].columns}
+            # the synthetic market has every declared input: the declared schema is exact
+            assert schema == declared, set(schema) ^ set(declared)
+            assert got["dagster/row_count"].value == stored.height
+            table = got["dagster/table_name"].value
+            assert con.sql(f"SELECT count(*) FROM {table}").fetchall()[0][0] == stored.height  # noqa: S608
+    # artifacts: dagster/uri names a folder that exists (two folds: the kind's folder)
+    arts = ArtifactStore(paths.artifacts)
+    for name in FOLD_ASSETS:
+        uri = md(folds, name)["dagster/uri"].value
+        assert uri.startswith("file://") and Path(urlparse(uri).path).is_dir(), (name, uri)
+    for name in ("model", "predictions", "backtest"):
+        assert md(folds, name)["dagster/uri"].value == (arts.root / name).resolve().as_uri()
+    ev = arts.latest("evaluation", "walk_forward")
+    assert md(evaluation, "evaluation")["dagster/uri"].value == ev.path.resolve().as_uri()
+    forecast = md(evaluation, "latest_forecast")
+    assert forecast["dagster/table_name"].value == specs["latest_forecast"]["dagster/table_name"]
 
 
 def test_latest_forecast_of_the_newest_model_reaches_the_newest_bar_of_every_symbol(built):
@@ -456,7 +510,8 @@ def test_feature_and_label_versions_name_their_parquet_paths(built):
     ):
         md = result.asset_materializations_for_node(node)[0].metadata
         assert md[key].value == version == lake.current_version(node)
-        assert md["path"].value.endswith(f"version={version}")
+        # the committed write folder of that version: version=<v>/<write id>
+        assert Path(md["path"].value).parent.name == f"version={version}"
         assert all(f"version={version}" in str(f) for f in lake.files(node))
 
     default, changed = LabelConfig().version(), LabelConfig(up_threshold=0.1).version()
@@ -467,7 +522,7 @@ def test_feature_and_label_versions_name_their_parquet_paths(built):
         run_config={"ops": {"labels": {"config": {"up_threshold": 0.1}}}},
     )
     md = run.asset_materializations_for_node("labels")[0].metadata
-    assert md["path"].value.endswith(f"version={changed}")
+    assert Path(md["path"].value).parent.name == f"version={changed}"
     assert set(lake.versions("labels")) == {default, changed}  # the old version is kept
     assert lake.read_meta("labels")["config"]["up_threshold"] == 0.1
     _run(root, selection=["labels"])  # back to the defaults: their path is current again

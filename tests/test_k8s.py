@@ -55,7 +55,7 @@ def _training_config() -> dict:
 def test_the_default_launcher_is_the_pipes_subprocess_with_the_whole_line_reader():
     from pipelines.definitions import defs
 
-    launcher = defs.resources["training_launcher"]
+    launcher = defs().resources["training_launcher"]
     assert isinstance(launcher, TrainingLauncher) and launcher.kind == "subprocess"
     assert launcher.problems() == []
     assert launcher.training_command() == [sys.executable, "-m", "pipelines.train_sequences"]
@@ -282,7 +282,10 @@ def test_the_deploy_workspace_points_at_the_code_server_the_readme_starts():
     (entry,) = workspace["load_from"]
     server = entry["grpc_server"]
     assert server["location_name"] == "mambacast"
-    command = f"dagster api grpc -m pipelines.k8s_definitions -h 0.0.0.0 -p {server['port']}"
+    command = (
+        "dagster api grpc -m pipelines.k8s_definitions "
+        f"--location-name {server['location_name']} -h 0.0.0.0 -p {server['port']}"
+    )
     assert command in (DEPLOY / "README.md").read_text()
     assert command in (DEPLOY / "workspace.yaml").read_text()
 
@@ -295,16 +298,16 @@ def test_the_secrets_example_holds_placeholders_only():
 
 
 def test_the_k8s_code_location_accepts_the_deploy_run_config_and_the_refresh_runs():
-    from pipelines.definitions import IN_PROCESS
+    from pipelines.defs.schedules import IN_PROCESS
     from pipelines.k8s_definitions import defs
 
     run_config = {**_yaml("executor.yaml"), **_yaml("pipes_training.yaml")}
-    job = defs.resolve_job_def("retrain_job")
+    job = defs().resolve_job_def("retrain_job")
     assert job.executor_def.name == "mambacast_k8s_executor"
     executor = dg.validate_run_config(job, run_config)["execution"]["mambacast_k8s_executor"]
     assert executor["max_concurrent"] == 3 and not executor["in_process"]
     # the refresh schedule's runs ask for in_process, as on the local executor
-    refresh = defs.resolve_job_def("daily_refresh_job")
+    refresh = defs().resolve_job_def("daily_refresh_job")
     executor = dg.validate_run_config(refresh, IN_PROCESS)["execution"]["mambacast_k8s_executor"]
     assert executor["in_process"]
     with pytest.raises(dg.DagsterInvalidConfigError, match="job_namspace"):
@@ -597,7 +600,7 @@ def _executor(instance, run_config: dict):
 
     from pipelines.k8s_definitions import defs, mambacast_k8s_executor
 
-    job = defs.resolve_job_def("retrain_job")
+    job = defs().resolve_job_def("retrain_job")
     config = dg.validate_run_config(job, {"execution": {"config": run_config}})
     context = dg.InitExecutorContext(
         job=InMemoryJob(job),
@@ -623,7 +626,7 @@ def _launch_step(instance, monkeypatch, step_key: str):
     executor = _executor(instance, _yaml("executor.yaml")["execution"]["config"])
     assert isinstance(executor, StepDelegatingExecutor)
     assert executor._step_handler.name == "K8sStepHandler"
-    job = defs.resolve_job_def("retrain_job")
+    job = defs().resolve_job_def("retrain_job")
     step = create_execution_plan(job).get_step_by_key(step_key)
     run = create_run_for_test(instance, job_name="retrain_job", job_code_origin=_origin())
     args = ExecuteStepArgs(_origin(), run.run_id, [step_key], instance_ref=instance.get_ref())

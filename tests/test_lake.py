@@ -1,3 +1,5 @@
+import json
+import re
 from datetime import datetime
 
 import polars as pl
@@ -25,18 +27,24 @@ def test_snapshot_uses_versioned_hive_layout_and_reads_back(paths):
     lake = Lake(paths.lake)
     df = _frame()
     files = _write(lake, df, meta={"cols": ["x"]})
-    rel = sorted(str(f.relative_to(paths.lake)) for f in files)
+    folder = lake.version_dir("features")
+    wid = folder.name
+    assert re.fullmatch(r"w-[0-9]+-[0-9a-f]{8}", wid)  # no `=`: not a hive column
+    assert folder.parent == paths.lake / "features" / "version=v1"
+    assert (folder.parent / "HEAD").read_text() == wid + "\n"
+    rel = sorted(str(f.relative_to(folder)) for f in files)
     assert rel == [
-        "features/version=v1/symbol=ACME/year=2020/part-0.parquet",
-        "features/version=v1/symbol=ACME/year=2021/part-0.parquet",
-        "features/version=v1/symbol=BTC-USD/year=2020/part-0.parquet",
-        "features/version=v1/symbol=BTC-USD/year=2021/part-0.parquet",
+        "symbol=ACME/year=2020/part-0.parquet",
+        "symbol=ACME/year=2021/part-0.parquet",
+        "symbol=BTC-USD/year=2020/part-0.parquet",
+        "symbol=BTC-USD/year=2021/part-0.parquet",
     ]
+    assert lake.files("features") == sorted(files)
     assert (paths.lake / "features" / "CURRENT").read_text().strip() == "v1"
     back = lake.read("features")
     assert back.columns == ["ts", "x", "symbol"]  # no year, no version column
     assert back.select(df.columns).sort(["symbol", "ts"]).equals(df.sort(["symbol", "ts"]))
-    assert lake.read_meta("features") == {"cols": ["x"], "version": "v1"}
+    assert lake.read_meta("features") == {"cols": ["x"], "version": "v1", "write_id": wid}
 
 
 def test_a_new_version_gets_a_new_path_and_leaves_the_old_one(paths):
@@ -55,10 +63,11 @@ def test_rewriting_a_version_removes_partitions_that_are_gone(paths):
     lake = Lake(paths.lake)
     _write(lake, _frame(years=(2019, 2020)))
     _write(lake, _frame(years=(2020,), symbols=("ACME",)))
-    assert [str(f.relative_to(paths.lake)) for f in lake.files("features")] == [
-        "features/version=v1/symbol=ACME/year=2020/part-0.parquet"
+    folder = lake.version_dir("features")
+    assert [str(f.relative_to(folder)) for f in lake.files("features")] == [
+        "symbol=ACME/year=2020/part-0.parquet"
     ]
-    assert not (paths.lake / "features" / "version=v1" / "symbol=BTC-USD").exists()
+    assert not (lake.version_dir("features") / "symbol=BTC-USD").exists()
 
 
 def test_keep_versions_prunes_the_least_recently_written(paths):
@@ -94,8 +103,10 @@ def test_a_crash_while_writing_a_new_version_leaves_readers_on_the_previous_one(
     monkeypatch.undo()
     assert lake.current_version("features") == "v1"
     assert lake.read("features").equals(before)
-    assert lake.read_meta("features") == {"n": 1, "version": "v1"}
+    meta = lake.read_meta("features")
+    assert meta == {"n": 1, "version": "v1", "write_id": meta["write_id"]}
     assert not [p for p in paths.lake.rglob("*") if p.name.endswith(".tmp")]
+    assert lake.versions("features") == ["v1"]  # v2 never committed
 
 
 def test_invalid_names_values_and_versions_are_refused(paths):
@@ -128,3 +139,72 @@ def test_duckdb_views_query_the_current_version(paths):
         columns = [r[0] for r in con.sql("DESCRIBE lake_features").fetchall()]
     assert (n, symbols) == (4, 1)
     assert "version" not in columns
+
+
+def _legacy_version(lake, df, version, meta):
+    """Version `version` as the release before write folders stored it: partitions and
+    `_meta.json` directly in `version=<v>/`, no HEAD."""
+    vdir = lake.table_dir("features") / f"version={version}"
+    with_year = df.with_columns(year=pl.col("ts").dt.year())
+    for (symbol, year), part in with_year.group_by(["symbol", "year"]):
+        path = vdir / f"symbol={symbol}" / f"year={year}" / "part-0.parquet"
+        path.parent.mkdir(parents=True)
+        part.drop("symbol", "year").sort("ts").write_parquet(path)
+    (vdir / "_meta.json").write_text(json.dumps({**meta, "version": version}))
+    (vdir.parent / "CURRENT").write_text(version + "\n")
+    return vdir
+
+
+def test_a_legacy_version_reads_as_before_and_its_first_write_migrates_it(paths):
+    """A data directory written before write folders: readers read it in place; the first
+    write of the version gives it a HEAD and deletes the old files, other versions untouched."""
+    lake = Lake(paths.lake)
+    old = _frame(years=(2019,))
+    v0 = _legacy_version(lake, _frame(symbols=("ACME",)), "v0", {"n": 0})
+    vdir = _legacy_version(lake, old, "v1", {"n": 1})
+    # an orphan of a killed first write is not part of the legacy snapshot
+    orphan = vdir / "w-1-0000abcd" / "symbol=ZZZ" / "year=2000" / "part-0.parquet"
+    orphan.parent.mkdir(parents=True)
+    old.head(1).drop("symbol").write_parquet(orphan)
+    assert lake.versions("features") == ["v0", "v1"]
+    assert lake.version_dir("features") == vdir and lake.exists("features")
+    assert (
+        lake.read("features")
+        .select(old.columns)
+        .sort("symbol", "ts")
+        .equals(old.sort("symbol", "ts"))
+    )
+    assert lake.read_meta("features") == {"n": 1, "version": "v1"}
+    assert [f.relative_to(vdir).parts[0] for f in lake.files("features")] == [
+        "symbol=ACME",
+        "symbol=BTC-USD",
+    ]
+
+    new = _frame(years=(2022,), symbols=("ETH-USD",))
+    _write(lake, new, meta={"n": 2})
+    folder = lake.version_dir("features")
+    assert folder.parent == vdir and folder.name == (vdir / "HEAD").read_text().strip()
+    assert sorted(p.name for p in vdir.iterdir()) == ["HEAD", folder.name]  # legacy files gone
+    assert lake.read("features").select(new.columns).equals(new)
+    assert lake.read_meta("features")["n"] == 2
+    assert lake.versions("features") == ["v0", "v1"]
+    assert lake.read_meta("features", "v0") == {"n": 0, "version": "v0"}  # not migrated
+    assert (v0 / "_meta.json").is_file() and not (v0 / "HEAD").exists()
+    assert not list(paths.lake.rglob(".*"))
+
+
+def test_duckdb_views_pin_one_write_folder(paths):
+    """The view names the committed write folder: a later re-write of the version does not
+    change what an existing view reads until the views are refreshed, and never mixes."""
+    lake = Lake(paths.lake)
+    _write(lake, _frame(), version="v1")
+    wh = Warehouse(paths)
+    wh.refresh_lake_views(lake, ["features"])
+    pinned = lake.version_dir("features")
+    _write(lake, _frame(symbols=("ACME",)), version="v1")
+    assert lake.version_dir("features") != pinned and pinned.is_dir()  # one generation kept
+    with wh.connect() as con:
+        assert con.sql("SELECT count(*) FROM lake_features").fetchall() == [(8,)]
+    wh.refresh_lake_views(lake, ["features"])
+    with wh.connect() as con:
+        assert con.sql("SELECT count(DISTINCT symbol) FROM lake_features").fetchall() == [(1,)]

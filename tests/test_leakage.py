@@ -23,9 +23,10 @@ from ml.leakage import (
     check_scaler_matches_training_rows,
     check_split_hygiene,
     check_truncation_invariance,
+    default_cuts,
 )
 from ml.walkforward import WalkForwardConfig, assign_fold, fold_for_key
-from pipelines.definitions import default_resources
+from pipelines.defs.resources import default_resources
 
 COLS = model_feature_columns(FeatureConfig())
 START, END = datetime(2018, 1, 1), datetime(2020, 1, 1)
@@ -108,6 +109,62 @@ def test_onchain_leak_same_day_totals_fail_truncation_invariance(raw):
     # the offending bars are the last ones before each cut, whose day's totals were cut off
     for cut, ts in report.offending.select("cut", "ts").iter_rows():
         assert cut - timedelta(days=3) <= ts < cut
+
+
+def test_a_stored_snapshot_is_checked_against_the_truncated_recomputation(raw):
+    """With `stored`, the left side is the stored snapshot: a clean one (as read back from
+    Parquet, EWMAs seeded at the start of the history) passes; one with a future return added
+    to a column, in code ml.features never runs, fails naming the column and its first rows."""
+    stored = COMPUTE_FEATURES(*raw)
+    clean = check_truncation_invariance(*raw, COMPUTE_FEATURES, COLS, stored=stored)
+    assert clean.passed, clean.summary()
+    assert clean.checked > 1000 and "stored features" in clean.rule
+    nxt = (pl.col("log_close").shift(-1) - pl.col("log_close")).over("symbol").fill_null(0.0)
+    leaky = stored.with_columns(log_ret_5=pl.col("log_ret_5") + nxt)
+    report = check_truncation_invariance(*raw, COMPUTE_FEATURES, COLS, stored=leaky)
+    assert not report.passed
+    assert set(report.offending["column"]) == {"log_ret_5"}
+    assert {"stored_value", "truncated_value"} <= set(report.offending.columns)
+    first = report.offending["ts"].min()
+    assert f"log_ret_5 at {first}" in report.summary()
+    assert "do not train on this snapshot" in report.summary()
+
+
+def test_stored_features_leak_on_the_newest_rows_or_in_the_prices_fails(raw):
+    """Rows after the last cut (the newest fold's test window, what live forecasts read) and the
+    prices the dataset copies from the snapshot are compared too; an infinite value is a
+    difference, not a match."""
+    stored = COMPUTE_FEATURES(*raw)
+    newest = stored["ts"].max() - timedelta(days=20)
+    nxt = (pl.col("log_close").shift(-1) - pl.col("log_close")).over("symbol").fill_null(0.0)
+    late = stored.with_columns(
+        log_ret_5=pl.when(pl.col("ts") > newest)
+        .then(pl.col("log_ret_5") + nxt)
+        .otherwise(pl.col("log_ret_5"))
+    )
+    report = check_truncation_invariance(*raw, COMPUTE_FEATURES, COLS, stored=late)
+    assert not report.passed
+    assert report.offending["ts"].min() > newest
+    assert "all the data" in report.summary() and "do not train" in report.summary()
+    # the close the backtest trades on, moved to the next bar's
+    priced = stored.with_columns(close=pl.col("close").shift(-1).over("symbol").fill_null(1.0))
+    report = check_truncation_invariance(*raw, COMPUTE_FEATURES, ["close", *COLS], stored=priced)
+    assert not report.passed and set(report.offending["column"]) == {"close"}
+    # an infinite stored value where the code computes a finite one
+    infinite = stored.with_columns(
+        log_ret_5=pl.when(pl.col("ts") == newest).then(float("inf")).otherwise("log_ret_5")
+    )
+    report = check_truncation_invariance(*raw, COMPUTE_FEATURES, COLS, stored=infinite)
+    assert not report.passed and set(report.offending["column"]) == {"log_ret_5"}
+
+
+def test_default_cuts_fall_on_publication_weekdays_and_the_last_day(raw):
+    ts = raw[0]["ts"]
+    cuts = default_cuts(ts)
+    assert cuts[-1] == ts.dt.truncate("1d").max()
+    # Tuesday, Wednesday, Thursday: a macro value published that day exists at every cut
+    assert [c.weekday() for c in cuts[:-1]] == [1, 2, 3]
+    assert cuts[0] >= ts.dt.truncate("1d").unique().sort()[ts.dt.truncate("1d").n_unique() // 2]
 
 
 def test_clean_labels_are_aligned(raw):
@@ -240,3 +297,35 @@ def test_a_leaky_feature_blocks_everything_downstream(ingested, tmp_path, monkey
     assert "log_ret_1" in failed.description
     assert checks["labels_alignment"].passed
     assert _materialized(result) == {"features", "labels"}  # training_dataset never ran
+
+
+def _asset_future_return(o, c, m, *cfg):
+    """A leak in the features asset's own code path only (ml.features stays clean): the next
+    bar's return added to log_ret_5, nulls filled so that the quality check still passes."""
+    f = COMPUTE_FEATURES(o, c, m, *cfg)
+    nxt = (pl.col("log_close").shift(-1) - pl.col("log_close")).over("symbol").fill_null(0.0)
+    return f.with_columns(log_ret_5=pl.col("log_ret_5") + nxt)
+
+
+def test_stored_features_leak_in_the_asset_code_path_blocks_training(
+    ingested, tmp_path, monkeypatch
+):
+    """The check compares the snapshot the features asset stored with features recomputed on
+    truncated raw data: a leak planted where only the asset calls it is caught (issue 15,
+    finding 1), not just one inside ml.features."""
+    root = tmp_path / "data"
+    shutil.copytree(ingested, root)
+    monkeypatch.setattr(asset_features, "compute_features", _asset_future_return)
+    result = dg.materialize(
+        [*GRAPH, *CHECKS],
+        selection=DOWNSTREAM,
+        resources=default_resources(str(root)),
+        raise_on_error=False,
+    )
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert checks["features_quality"].passed, checks["features_quality"].description
+    failed = checks["features_truncation_invariance"]
+    assert not failed.passed
+    assert "log_ret_5" in failed.description
+    assert not result.success
+    assert "training_dataset" not in _materialized(result)

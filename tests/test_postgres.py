@@ -211,9 +211,9 @@ def _rows(server: Server, sql: str) -> list[tuple]:
 
 
 def _asset_names() -> set[str]:
-    from pipelines.definitions import ALL_ASSETS
+    from pipelines.definitions import defs
 
-    return {a.key.to_user_string() for a in ALL_ASSETS}
+    return {a.key.to_user_string() for a in defs().assets}
 
 
 def test_postgres_holds_the_demo_runs_materializations_and_check_evaluations(demo):

@@ -10,16 +10,13 @@ import pytest
 from assets.ingest import INGEST_ASSETS, OVERLAP_DAYS, resume_point
 from assets.quality import QUALITY_CHECKS
 from assets.resources import MarketSourcesResource
-from pipelines.definitions import (
-    ALL_ASSETS,
-    IN_PROCESS,
-    INCREMENTAL,
-    default_resources,
-    refresh_request,
-)
+from pipelines.definitions import defs
+from pipelines.defs.resources import default_resources
+from pipelines.defs.schedules import IN_PROCESS, INCREMENTAL, refresh_request
 from warehouse import DataPaths, Lake, Warehouse
 from warehouse.sources.synthetic import SyntheticOHLCV
 
+ALL_ASSETS = list(defs().assets)
 REFRESH = dg.AssetSelection.groups("ingest", "features", "forecast")
 FIRST = datetime(2021, 3, 2)  # a Tuesday: the next three days are business days for macro too
 

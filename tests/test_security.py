@@ -53,7 +53,7 @@ OBRIEN = "O'Brien"
 
 # -- the webserver binds 127.0.0.1 -------------------------------------------------------------
 def _make_ui(*args: str, env: dict[str, str] | None = None) -> str:
-    """The `dagster dev` line `make ui` would run (make -n: nothing is executed)."""
+    """The `dg dev` line `make ui` would run (make -n: nothing is executed)."""
     out = subprocess.run(
         ["make", "-n", "ui", *args],
         cwd=ROOT,
@@ -63,13 +63,14 @@ def _make_ui(*args: str, env: dict[str, str] | None = None) -> str:
         timeout=60,
         check=True,
     ).stdout
-    (line,) = [ln for ln in out.splitlines() if "dagster dev" in ln]
+    (line,) = [ln for ln in out.splitlines() if "dg dev" in ln]
     return line
 
 
 def _host(cmd: list[str] | str) -> str:
     parts = cmd.split() if isinstance(cmd, str) else cmd
-    return parts[parts.index("-h") + 1]
+    flag = "--host" if "--host" in parts else "-h"
+    return parts[parts.index(flag) + 1]
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
@@ -82,9 +83,10 @@ def test_make_ui_binds_loopback_unless_ui_host_opts_in():
 
 
 def test_every_ui_command_the_project_builds_binds_loopback():
-    # the webserver and `dagster dev` the CLI and browser tests start
+    # the webserver, `dagster dev` and `dg dev` the CLI and browser tests start
     assert _host(ui_command(3000)) == "127.0.0.1"
     assert _host(ui_command(3000, "dagster", "dev")) == "127.0.0.1"
+    assert _host(ui_command(3000, "dg", "dev")) == "127.0.0.1"
     # no file starts a UI on every interface, or without -h (checked line by line)
     files = [ROOT / "Makefile", ROOT / "README.md", *ROOT.glob("pipelines/*.py")]
     files.append(ROOT / "deploy" / "README.md")
@@ -100,12 +102,15 @@ def test_every_ui_command_the_project_builds_binds_loopback():
     assert _binds_beyond_loopback("README.md", f"{web} -h 0.0.0.0  # inside the pod")
     assert not _binds_beyond_loopback("README.md", f"{web} -h 127.0.0.1")
     assert not _binds_beyond_loopback("Makefile", "UI_HOST=0.0.0.0 make ui")
+    assert _binds_beyond_loopback("README.md", "dg dev --port 3000")  # no --host: flagged
+    assert not _binds_beyond_loopback("Makefile", "$(DG) dev --host $(UI_HOST) --port 3")
+    assert not _binds_beyond_loopback("README.md", "dg dev --host 127.0.0.1 --port 3000")
     assert not _binds_beyond_loopback("deploy/README.md", web)  # the default, 127.0.0.1
     assert not _binds_beyond_loopback("deploy/README.md", f"{web} -h 0.0.0.0 in the pod")
     assert not _binds_beyond_loopback("deploy/README.md", f"{web} -h 0.0.0.0 (behind the Ingress)")
 
 
-_UI_START = re.compile(r"dagster(-webserver| dev)\b")
+_UI_START = re.compile(r"(dagster(-webserver| dev)|\bdg dev)\b")
 # deploy/ runs the webserver inside a Kubernetes pod, where only the pod's network (the Service
 # and the ingress in front of it) reaches it: it binds 0.0.0.0 there, on a line that says so.
 _IN_POD = re.compile(r"\b(pods?|ingress)\b", re.IGNORECASE)
@@ -122,15 +127,15 @@ def _binds_beyond_loopback(rel: str, line: str) -> bool:
     if rel.startswith("deploy/"):
         wide = "0.0.0.0" in line or (
             _UI_START.search(line) is not None
-            and re.search(r"-h (?!127\.0\.0\.1\b|localhost\b)", line) is not None
+            and re.search(r"(-h|--host) (?!127\.0\.0\.1\b|localhost\b)", line) is not None
         )
         return wide and not _IN_POD.search(line)
     if "0.0.0.0" in line and "UI_HOST=0.0.0.0" not in line:
         return True
     return bool(
         _UI_START.search(line)
-        and "-w workspace.yaml" in line
-        and not re.search(r"-h (127\.0\.0\.1|\$\(UI_HOST\))", line)
+        and ("-w workspace.yaml" in line or re.search(r"\bdg dev\s+-", line) is not None)
+        and not re.search(r"(-h|--host) (127\.0\.0\.1|\$\(UI_HOST\))", line)
     )
 
 
@@ -230,7 +235,7 @@ def test_fred_secret_never_stored(tmp_path, monkeypatch, caplog, capfd):
     import dagster as dg
 
     from assets.ingest import macro_series
-    from pipelines.definitions import default_resources
+    from pipelines.defs.resources import default_resources
 
     caplog.set_level("DEBUG")
     key = secrets.token_hex(16)  # FRED's 32-character format, unguessable
@@ -322,11 +327,14 @@ def test_definitions_pass_the_fred_secret_as_an_env_var_reference(monkeypatch, t
     from dagster._core.remote_representation.external_data import RepositorySnap
     from dagster._serdes import serialize_value
 
-    from pipelines.definitions import ALL_ASSETS, default_resources
+    from pipelines.definitions import defs as load_defs
+    from pipelines.defs.resources import default_resources
 
     key = secrets.token_hex(16)
     monkeypatch.setenv("FRED_API_KEY", key)
-    defs = dg.Definitions(assets=ALL_ASSETS, resources=default_resources(str(tmp_path / "d")))
+    defs = dg.Definitions(
+        assets=load_defs().assets, resources=default_resources(str(tmp_path / "d"))
+    )
     snap = RepositorySnap.from_def(defs.get_repository_def())
     (sources,) = [r for r in snap.resources if r.name == "sources"]
     assert type(sources.configured_values["fred_api_key"]).__name__ == "ResourceConfigEnvVarSnap"
@@ -721,6 +729,7 @@ def _weights_only(call: ast.Call) -> bool:
 
 def _project_sources() -> list[Path]:
     skip = {".venv", ".git", "node_modules", "build", "dist", ".ruff_cache", ".pytest_cache"}
+    skip |= {"mutants"}  # mutmut's mutated copies (make mutate; gitignored)
     return [p for p in ROOT.rglob("*.py") if not skip & set(p.relative_to(ROOT).parts)]
 
 

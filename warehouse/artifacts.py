@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from warehouse.lake import dir_lock, fsync_dir, fsync_tree
 from warehouse.paths import check_inside
 
-_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")  # with fullmatch: `$` lets "v1\n" through
+# With fullmatch (`$` lets "v1\n" through). Not starting with `.`: such names are this store's
+# temporaries (a version named like one would be deleted by the next write) or `.`/`..`.
+_SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 MANIFEST = "manifest.json"
+# A version being built (`.<version>.<hex>.tmp`) and a LATEST being replaced: never listed, and
+# removed by a later write once no live writer holds them.
+_TMP_DIR = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")
+_LATEST_TMP = re.compile(r"\.LATEST\.[0-9a-f]{32}\.tmp")
 
 
 class ArtifactError(ValueError):
@@ -59,8 +69,13 @@ class Artifact:
 class ArtifactStore:
     """`<root>/<kind>/<partition>/<version>/` directories that never change once written.
 
-    Writing builds the directory under a temporary name and renames it into place, so a version
-    either exists whole (with a manifest of file checksums) or not at all.
+    Writing builds the directory under a temporary name, fsyncs it and renames it into place, so
+    a version either exists whole (with a manifest of file checksums) or not at all; writing a
+    version that exists reuses it and only moves `LATEST` (an atomic replace). A writer holds a
+    lock on its temporary folder while it builds it, so what a killed writer left is told apart
+    from a live writer's work and removed by the next write to the partition; `list` never
+    reads it. Crash states: killed while building, the store is as it was; after the rename,
+    the version exists and a re-run reuses it and moves `LATEST`.
     """
 
     def __init__(self, root: Path) -> None:
@@ -68,8 +83,11 @@ class ArtifactStore:
 
     def _dir(self, kind: str, partition: str, version: str | None = None) -> Path:
         for label, seg in (("kind", kind), ("partition", partition), ("version", version or "x")):
-            if not _SEGMENT.fullmatch(seg) or seg in (".", ".."):
-                raise ArtifactError(f"Invalid artifact {label} {seg!r}: use letters, digits, . _ -")
+            if not _SEGMENT.fullmatch(seg):
+                raise ArtifactError(
+                    f"Invalid artifact {label} {seg!r}: use letters, digits, . _ - "
+                    "(not starting with .)"
+                )
         base = self.root / kind / partition
         path = base / version if version else base
         check_inside(self.root, path, f"artifact {kind}/{partition}/{version or ''}")
@@ -85,13 +103,13 @@ class ArtifactStore:
     ) -> Artifact:
         """Create version `version` by calling `write_files(tmp_dir)`; reuse it if it exists."""
         final = self._dir(kind, partition, version)
+        if final.parent.is_dir():
+            _remove_abandoned(final.parent)
         if (final / MANIFEST).exists():
             self._set_latest(kind, partition, version)
             return self.get(kind, partition, version)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f".{version}.{uuid.uuid4().hex}.tmp"
-        tmp.mkdir()
-        try:
+        with _claimed_tmp(final.parent, version) as tmp:
             write_files(tmp)
             files = {
                 p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
@@ -107,6 +125,7 @@ class ArtifactStore:
                 "metadata": metadata,
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+            fsync_tree(tmp)  # the files, then their names, before the rename makes them a version
             try:
                 os.rename(tmp, final)
             except OSError:
@@ -114,9 +133,7 @@ class ArtifactStore:
                     raise
                 self._set_latest(kind, partition, version)
                 return self.get(kind, partition, version)  # another writer won the race
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            fsync_dir(final.parent)
         self._set_latest(kind, partition, version)
         return Artifact(kind, partition, version, final, manifest, created=True)
 
@@ -145,7 +162,11 @@ class ArtifactStore:
         """Manifests of every version, oldest first."""
         base = self.root / kind
         pattern = f"{partition}/*/{MANIFEST}" if partition else f"*/*/{MANIFEST}"
-        manifests = [json.loads(p.read_text()) for p in base.glob(pattern)]
+        manifests = [
+            json.loads(p.read_text())
+            for p in base.glob(pattern)
+            if not _TMP_DIR.fullmatch(p.parent.name)  # a version still being built
+        ]
         return sorted(manifests, key=lambda m: (m["created_at"], m["version"]))
 
     def verify(self, artifact: Artifact) -> None:
@@ -155,10 +176,85 @@ class ArtifactStore:
                 raise ArtifactError(f"{artifact.path / name} does not match its manifest checksum")
 
     def _set_latest(self, kind: str, partition: str, version: str) -> None:
-        pointer = self._dir(kind, partition) / "LATEST"
-        tmp = pointer.with_name(f".LATEST.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(version + "\n")
-        os.replace(tmp, pointer)
+        folder = self._dir(kind, partition)
+        pointer = folder / "LATEST"
+        with dir_lock(folder) as locked:  # writers of LATEST take turns
+            for stale in folder.glob(".LATEST.*.tmp") if locked else ():  # no one's: remove
+                if _LATEST_TMP.fullmatch(stale.name):
+                    stale.unlink(missing_ok=True)
+            tmp = folder / f".LATEST.{uuid.uuid4().hex}.tmp"
+            try:
+                with open(tmp, "w") as fh:
+                    fh.write(version + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, pointer)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            fsync_dir(folder)
+
+
+@contextmanager
+def _claimed_tmp(parent: Path, version: str) -> Iterator[Path]:
+    """A new temporary folder in `parent`, locked (flock on the folder itself) for the block
+    and removed after it unless it was renamed away. The lock tells a later writer that the
+    folder is in use; it dies with its process, so a killed writer's folder can be removed."""
+    while True:
+        tmp = parent / f".{version}.{uuid.uuid4().hex}.tmp"
+        tmp.mkdir()
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:  # a cleaner removed it between our mkdir and open: a new name
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a cleaner took it between our mkdir and flock: a new name
+            os.close(fd)
+            continue
+        except OSError:
+            pass  # no flock on this filesystem: unlocked, and never removed as abandoned
+        if _same_folder(tmp, fd):
+            break
+        os.close(fd)  # a cleaner removed it before we locked it: a new name
+    try:
+        yield tmp
+    finally:
+        try:
+            if _same_folder(tmp, fd):
+                shutil.rmtree(tmp)
+        finally:
+            os.close(fd)
+
+
+def _same_folder(path: Path, fd: int) -> bool:
+    try:
+        st = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def _remove_abandoned(parent: Path) -> None:
+    """Remove the temporary folders in `parent` that no live writer holds (their writer was
+    killed); a folder whose lock is held, or cannot be tested, is left alone."""
+    for entry in parent.iterdir():
+        if not _TMP_DIR.fullmatch(entry.name) or entry.is_symlink() or not entry.is_dir():
+            continue
+        try:
+            fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if _same_folder(entry, fd):
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            continue  # held by a live writer (BlockingIOError), or no flock here
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def frame_fingerprint(df: Any) -> str:

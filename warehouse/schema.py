@@ -28,7 +28,7 @@ class TableSpec:
         # rejects duplicate keys, replace_window() deletes the window before inserting) and is
         # verified by the quality checks.
         cols = ",\n  ".join(
-            f"{c} {_DUCKDB_TYPES[type(t)]}" + (" NOT NULL" if c in self.key else "")
+            f"{c} {duckdb_type(t)}" + (" NOT NULL" if c in self.key else "")
             for c, t in self.columns.items()
         )
         return f"CREATE TABLE IF NOT EXISTS {self.name} (\n  {cols}\n)"
@@ -40,7 +40,21 @@ _DUCKDB_TYPES = {
     pl.Date: "DATE",
     pl.Float64: "DOUBLE",
     pl.Int64: "BIGINT",
+    pl.Int32: "INTEGER",
+    pl.Int8: "TINYINT",
+    pl.Boolean: "BOOLEAN",
 }
+
+
+def duckdb_type(dtype: pl.DataType) -> str:
+    """The DuckDB type a polars column is stored (or read through a lake view) as."""
+    try:
+        return _DUCKDB_TYPES[type(dtype)]
+    except KeyError:
+        raise SchemaError(
+            f"No DuckDB type declared for polars {dtype}: add it to warehouse.schema"
+        ) from None
+
 
 # Bars are keyed by their open time, naive UTC; a daily bar at 2024-01-05 covers that UTC day.
 OHLCV = TableSpec(

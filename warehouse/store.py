@@ -230,6 +230,17 @@ class Warehouse:
         with self.connect() as con:
             return int(con.execute(f"SELECT count(*) FROM {spec.name}").fetchall()[0][0])  # noqa: S608
 
+    def rows_per_year(self, table: str, start: datetime, end: datetime) -> dict[str, int]:
+        """Rows of `table` with time in [start, end), per calendar year ("2024": 366), years
+        without rows left out: the row counts of yearly partitions."""
+        spec = table_spec(table)
+        sql = (
+            f"SELECT CAST(year({spec.time_column}) AS VARCHAR), count(*) FROM {spec.name} "  # noqa: S608
+            f"WHERE {spec.time_column} >= ? AND {spec.time_column} < ? GROUP BY 1 ORDER BY 1"
+        )
+        with self.connect() as con:
+            return {y: int(n) for y, n in con.execute(sql, [start, end]).fetchall()}
+
     def summary(self, table: str) -> pl.DataFrame:
         """Row count and time range per entity: what a person checks after an ingest."""
         spec = table_spec(table)
@@ -255,7 +266,11 @@ class Warehouse:
                     continue
                 # A view body cannot take parameters; the path is ours (validated name and
                 # version, quoted). The version is a path segment, not a column of the view.
-                pattern = str(lake.version_dir(name) / "**" / "*.parquet").replace("'", "''")
+                # Only the partition folders (`<entity>=<e>/year=<y>/`) of the committed write
+                # folder: never another write's folder that a killed write left inside a
+                # legacy version folder.
+                pattern = str(lake.version_dir(name) / "*=*" / "**" / "*.parquet")
+                pattern = pattern.replace("'", "''")
                 con.execute(
                     f"CREATE OR REPLACE VIEW lake_{name} AS SELECT * EXCLUDE (version) FROM "  # noqa: S608
                     f"read_parquet('{pattern}', hive_partitioning = true, union_by_name = true)"
