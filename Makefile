@@ -84,6 +84,7 @@ lint: setup
 bench: setup instance
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python benchmarks/step_load.py
 	$(BIN)/python benchmarks/mamba.py
 	$(BIN)/python benchmarks/features.py
 	$(BIN)/python benchmarks/backtest.py

@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import ast
 import fnmatch
+import hashlib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -53,6 +55,49 @@ MODULES: dict[str, tuple[str, list[str]]] = {
         [f"ml.trainer.x{SEP}Trainer{SEP}{f}__mutmut_*" for f in _TRAINER_CHECKPOINT],
     ),
 }
+
+# The tests each module's mutants run (mutmut narrows them further to the tests that called the
+# mutated function). [tool.mutmut] in pyproject.toml lists all of them for a plain `mutmut run`;
+# a module's run gets only its own, so its recorded clean run and its slowest mutants stay short.
+_COMMON = ["tests/test_mutation_kills.py"]
+MODULE_TESTS: dict[str, list[str]] = {
+    "leakage": ["tests/test_leakage.py"],
+    "store": ["tests/test_store.py", "tests/test_kill.py", "tests/test_security.py"],
+    "lake": ["tests/test_lake.py", "tests/test_atomic_rewrite.py", "tests/test_security.py"],
+    "artifacts": [
+        "tests/test_artifacts.py",
+        "tests/test_atomic_rewrite.py",
+        "tests/test_security.py",
+    ],
+    "http": ["tests/test_source_http.py", "tests/test_security.py"],
+    "trainer": ["tests/test_trainer.py", "tests/test_security.py"],
+}
+
+
+def _selection(key: str) -> list[str]:
+    """[tool.mutmut]'s test selection with its test files replaced by the module's own."""
+    from mutmut.configuration import config
+
+    rest = [a for a in config().pytest_add_cli_args_test_selection if not a.endswith(".py")]
+    return [*MODULE_TESTS[key], *_COMMON, *rest]
+
+
+def _mutmut_run(key: str, max_children: int) -> int:
+    """In this process: mutmut's `run` for one module with its own test selection."""
+    import dataclasses
+
+    import mutmut.configuration as mc
+    from mutmut.__main__ import _run
+
+    mc._config = dataclasses.replace(
+        mc.config(), pytest_add_cli_args_test_selection=_selection(key)
+    )
+    try:
+        _run(MODULES[key][1], max_children)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
 
 # mutmut exit codes (mutmut.stats.status_by_exit_code) folded into the summary's columns
 KILLED = {1, 3}
@@ -121,6 +166,10 @@ def _describe(mutant: str, source: Path, def_lines: dict[str, int]) -> dict:
     func = _function_of(mutant)
     start = def_lines.get(func)
     line = start + offset if start is not None and offset is not None else None
+    if start is not None and removed:  # the changed line itself, if the source moved since
+        text = (ROOT / source).read_text().splitlines()
+        hits = [i + 1 for i in range(start - 1, len(text)) if text[i].strip() == removed[0]]
+        line = hits[0] if hits else line
     return {
         "mutant": mutant,
         "function": func,
@@ -133,11 +182,19 @@ def _describe(mutant: str, source: Path, def_lines: dict[str, int]) -> dict:
 def run_module(key: str, max_children: int) -> dict:
     source, globs = MODULES[key]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    cmd = ["nice", "-n", "19", str(MUTMUT), "run", "--max-children", str(max_children), *globs]
-    print(f"== {key}: {' '.join(cmd[3:5])} ... ({source})", flush=True)
+    digest = hashlib.sha256((ROOT / source).read_bytes()).hexdigest()[:16]
+    script = [sys.executable, __file__, "--max-children", str(max_children), "--mutmut-run", key]
+    print(f"== {key}: mutmut run {' '.join(globs)} ({source})", flush=True)
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, check=False)
-    return summarize(key, round(time.monotonic() - start, 1), proc.returncode)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.run(["nice", "-n", "19", *script], cwd=ROOT, env=env, check=False)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    result = summarize(key, round(time.monotonic() - start, 1), proc.returncode)
+    result["cpu_seconds"] = round(cpu, 1)
+    result["source_sha256"] = digest
+    result["tests"] = _selection(key)
+    return result
 
 
 def summarize(key: str, seconds: float, returncode: int, run_at: str | None = None) -> dict:
@@ -198,18 +255,19 @@ def write_summary(results: dict, max_children: int) -> None:
         f"called its function in mutmut's recorded clean run. Workers: {max_children}, under "
         "`nice -n 19`.",
         "",
-        "| module | file | status | mutants | killed | survived | timeout | skipped | seconds |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| module | file | status | mutants | killed | survived | timeout | skipped | seconds | CPU s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for key in MODULES:
         m = mods.get(key)
         if m is None:
-            lines.append(f"| {key} | {MODULES[key][0]} | **not yet run** | | | | | | |")
+            lines.append(f"| {key} | {MODULES[key][0]} | **not yet run** | | | | | | | |")
             continue
         state = "done" if m["complete"] else f"**incomplete** ({m['not_checked']} not checked)"
         lines.append(
             f"| {key} | {m['file']} | {state} | {m['mutants']} | {m['killed']} | "
-            f"{m['survived']} | {m['timeout']} | {m['skipped']} | {m['seconds']} |"
+            f"{m['survived']} | {m['timeout']} | {m['skipped']} | {m['seconds']} | "
+            f"{m.get('cpu_seconds', '')} |"
         )
     not_run = [k for k in MODULES if k not in mods or not mods[k]["complete"]]
     lines += [
@@ -218,8 +276,9 @@ def write_summary(results: dict, max_children: int) -> None:
         if not not_run
         else f"**Partial run**: not done yet: {', '.join(not_run)}.",
         "",
-        "`skipped`: no selected test calls the function (mutmut's 'no tests'). The first module "
-        "run also pays mutmut's one-off clean run that records which tests call which function.",
+        "`skipped`: no selected test calls the function (mutmut's 'no tests'). `seconds` is wall "
+        "time, `CPU s` the CPU time of mutmut and its workers; each includes the module's clean run "
+        "that records which of its tests call which function.",
         "",
     ]
     for key, m in mods.items():
@@ -249,7 +308,10 @@ def main() -> int:
         action="store_true",
         help="run nothing: rewrite the summary of the modules already run from mutants/",
     )
+    ap.add_argument("--mutmut-run", metavar="MODULE", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.mutmut_run:
+        return _mutmut_run(args.mutmut_run, args.max_children)
     keys = args.modules or list(MODULES)
     if unknown := set(keys) - set(MODULES):
         ap.error(f"unknown modules {sorted(unknown)}; choose from {list(MODULES)}")

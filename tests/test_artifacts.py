@@ -124,3 +124,52 @@ def test_segments_starting_with_a_dot_are_refused(paths, segment):
     store.write("model", "holdout", "v.1", _writer("x"), {})  # a dot inside is fine
     store.write("model", "holdout", "v2", _writer("y"), {})
     assert [m["version"] for m in store.list("model", "holdout")] == ["v.1", "v2"]
+
+
+def test_a_version_folder_without_a_manifest_is_named_with_the_fix(paths):
+    """Review 2, finding 7: a non-empty `final` folder with no manifest (a partial copy, a
+    hand-made folder) made every write fail with a bare OSError 'Directory not empty'."""
+    store = ArtifactStore(paths.artifacts)
+    v1 = content_version("cfg", 1)
+    final = paths.artifacts / "model" / "holdout" / v1
+    final.mkdir(parents=True)
+    (final / "weights.txt").write_text("half a copy")
+    called = []
+
+    def write(folder):
+        called.append(folder)
+        _writer("one")(folder)
+
+    with pytest.raises(ArtifactError, match=rf"{v1}.*no manifest.json.*move it aside or delete"):
+        store.write("model", "holdout", v1, write, {})
+    assert not called  # refused before doing the work
+    assert (final / "weights.txt").read_text() == "half a copy"  # left as it was
+    assert [p.name for p in final.parent.iterdir()] == [v1]  # no temporary left
+    (final / "weights.txt").unlink()  # an empty folder is replaced, as before
+    assert store.write("model", "holdout", v1, write, {}).file("weights.txt").read_text() == "one"
+
+
+def test_a_failed_cleanup_does_not_mask_the_writers_error(paths, monkeypatch, caplog):
+    import logging
+    import shutil
+
+    import warehouse.artifacts as artifacts_module
+
+    store = ArtifactStore(paths.artifacts)
+
+    def fails(folder):
+        (folder / "weights.txt").write_text("x")
+        raise RuntimeError("the writer's own error")
+
+    def rmtree(path, *args, **kwargs):
+        if kwargs.get("ignore_errors"):
+            return None
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    with (
+        caplog.at_level(logging.WARNING, logger=artifacts_module.__name__),
+        pytest.raises(RuntimeError, match="the writer's own error"),
+    ):
+        store.write("model", "holdout", content_version("cfg", 1), fails, {})
+    assert "Could not remove the temporary artifact folder" in caplog.text

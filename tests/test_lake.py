@@ -193,6 +193,18 @@ def test_a_legacy_version_reads_as_before_and_its_first_write_migrates_it(paths)
     assert not list(paths.lake.rglob(".*"))
 
 
+def test_duckdb_views_keep_all_digit_entities_as_strings(paths):
+    # all-digit symbols (exchange tickers such as `0700` are) stay the strings they were stored as
+    lake = Lake(paths.lake)
+    _write(lake, _frame(symbols=("100", "200")), version="v1")
+    wh = Warehouse(paths)
+    wh.refresh_lake_views(lake, ["features"])
+    with wh.connect() as con:
+        got = con.sql("SELECT DISTINCT symbol, typeof(symbol) FROM lake_features").fetchall()
+    assert sorted(got) == [("100", "VARCHAR"), ("200", "VARCHAR")]
+    assert sorted(lake.read("features")["symbol"].unique()) == ["100", "200"]
+
+
 def test_duckdb_views_pin_one_write_folder(paths):
     """The view names the committed write folder: a later re-write of the version does not
     change what an existing view reads until the views are refreshed, and never mixes."""
@@ -208,3 +220,65 @@ def test_duckdb_views_pin_one_write_folder(paths):
     wh.refresh_lake_views(lake, ["features"])
     with wh.connect() as con:
         assert con.sql("SELECT count(DISTINCT symbol) FROM lake_features").fetchall() == [(1,)]
+
+
+def test_versions_are_ordered_by_write_not_by_name_or_mtime(paths):
+    """Review 2, finding 2: HEAD mtimes tie on coarse clocks (ties went to the name), and a
+    copy, restore or touch re-orders them; the write order is in the committed write id."""
+    import os
+    import shutil
+
+    lake = Lake(paths.lake)
+    for v in ("z", "y", "x"):
+        _write(lake, _frame(), version=v)
+    heads = sorted(paths.lake.glob("features/version=*/HEAD"))
+    for head in heads:  # one coarse tick for all three
+        os.utime(head, ns=(10**18, 10**18))
+    assert lake.versions("features") == ["z", "y", "x"]
+    copy = paths.lake.parent / "copy"
+    shutil.copytree(paths.lake, copy)  # new mtimes, in the copy's order
+    os.utime(copy / "features" / "version=x" / "HEAD", ns=(1, 1))  # e.g. touch, a restore
+    os.utime(copy / "features" / "version=z" / "HEAD", ns=(2 * 10**18, 2 * 10**18))
+    assert Lake(copy).versions("features") == ["z", "y", "x"]
+    _write(Lake(copy), _frame(), version="w", keep_versions=2)  # prunes the oldest two
+    assert Lake(copy).versions("features") == ["x", "w"]
+
+
+def test_versions_stay_in_write_order_when_the_clock_steps_back(paths, monkeypatch):
+    import warehouse.lake as lake_module
+
+    lake = Lake(paths.lake)
+    _write(lake, _frame(), version="b")
+    now = lake_module.time.time_ns()
+    monkeypatch.setattr(lake_module.time, "time_ns", lambda: now - 3600 * 10**9)  # an NTP step
+    _write(lake, _frame(), version="a", keep_versions=2)
+    _write(lake, _frame(), version="c", keep_versions=2)
+    assert lake.versions("features") == ["a", "c"]
+
+
+def test_legacy_versions_order_before_written_ones(paths):
+    import os
+
+    lake = Lake(paths.lake)
+    _write(lake, _frame(), version="new")
+    legacy = paths.lake / "features" / "version=old"
+    part = legacy / "symbol=ACME" / "year=2020" / "part-0.parquet"
+    part.parent.mkdir(parents=True)
+    _frame(symbols=("ACME",), years=(2020,)).drop("symbol").write_parquet(part)
+    (legacy / "_meta.json").write_text(json.dumps({"version": "old"}))
+    os.utime(legacy / "_meta.json", ns=(2 * 10**18, 2 * 10**18))  # "newer" by mtime
+    assert lake.versions("features") == ["old", "new"]
+
+
+@pytest.mark.parametrize("entity", ["symbol", "series"])
+def test_numeric_looking_entity_values_read_back_unchanged(paths, entity):
+    """Review 2, finding 3: hive types were inferred from the folder names, then cast to
+    String: '007', '1E5', '0700' read back as '7.0', '100000.0', '700.0'."""
+    lake = Lake(paths.lake)
+    for version, values in (("v1", ["007", "1E5", "0700"]), ("v2", ["007", "BTC-USD", "12"])):
+        df = pl.DataFrame({entity: values, "ts": [datetime(2020, 1, 1)] * 3, "x": [1.0, 2.0, 3.0]})
+        lake.write_snapshot("features", df, time_column="ts", version=version, entity_column=entity)
+        got = lake.read("features")
+        assert got.schema[entity] == pl.String
+        assert sorted(got[entity].to_list()) == sorted(values)
+        assert sorted(got.columns) == sorted(["ts", "x", entity])

@@ -897,6 +897,7 @@ SQL_INTERPOLATIONS = {
     "snap",  # _snapshot's temporary table: _before_ + spec.name
     "match",  # _refuse_shrink: spec.entity_column and spec.time_column equalities
     "c",  # _refuse_shrink: a value column of the fixed registry (spec.columns)
+    "types",  # refresh_lake_views: hive_types of the entity folder name, checked by _IDENT
 }
 _SQL_WORDS = re.compile(r"\b(SELECT|INSERT|DELETE|CREATE|UPDATE|DROP|WHERE|FROM|IN \(|AND|=)")
 

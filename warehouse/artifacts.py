@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,6 +20,8 @@ from typing import Any
 
 from warehouse.lake import dir_lock, fsync_dir, fsync_tree
 from warehouse.paths import check_inside
+
+log = logging.getLogger(__name__)
 
 # With fullmatch (`$` lets "v1\n" through). Not starting with `.`: such names are this store's
 # temporaries (a version named like one would be deleted by the next write) or `.`/`..`.
@@ -108,6 +111,8 @@ class ArtifactStore:
         if (final / MANIFEST).exists():
             self._set_latest(kind, partition, version)
             return self.get(kind, partition, version)
+        if os.path.lexists(final) and not _empty_folder(final):  # the rename would fail
+            raise _not_a_version(final)
         final.parent.mkdir(parents=True, exist_ok=True)
         with _claimed_tmp(final.parent, version) as tmp:
             write_files(tmp)
@@ -128,8 +133,10 @@ class ArtifactStore:
             fsync_tree(tmp)  # the files, then their names, before the rename makes them a version
             try:
                 os.rename(tmp, final)
-            except OSError:
+            except OSError as err:
                 if not (final / MANIFEST).exists():
+                    if os.path.lexists(final):  # made (by hand?) while we wrote
+                        raise _not_a_version(final) from err
                     raise
                 self._set_latest(kind, partition, version)
                 return self.get(kind, partition, version)  # another writer won the race
@@ -222,9 +229,33 @@ def _claimed_tmp(parent: Path, version: str) -> Iterator[Path]:
     finally:
         try:
             if _same_folder(tmp, fd):
-                shutil.rmtree(tmp)
+                try:
+                    shutil.rmtree(tmp)
+                except OSError as err:  # never in place of the block's own error, if any
+                    log.warning(
+                        "Could not remove the temporary artifact folder %s (%s); a later "
+                        "write removes it",
+                        tmp,
+                        err,
+                    )
         finally:
             os.close(fd)
+
+
+def _not_a_version(final: Path) -> ArtifactError:
+    return ArtifactError(
+        f"{final} exists but has no {MANIFEST}: it is not a version this store wrote (a partial "
+        "copy or restore, or a folder made by hand), and the version cannot be written over "
+        "it; move it aside or delete it, then write again"
+    )
+
+
+def _empty_folder(path: Path) -> bool:
+    """Whether `path` is a folder (not a link) with nothing in it: a rename may replace it."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    with os.scandir(path) as entries:
+        return next(entries, None) is None
 
 
 def _same_folder(path: Path, fd: int) -> bool:

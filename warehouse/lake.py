@@ -13,7 +13,12 @@ labels) or from the versions it was built from (datasets, predictions), so chang
 writes to a new path and leaves the previous version's files as they were. A write id
 (`w-<time_ns>-<hex>`) is never reused and has no `=` in it, so hive readers do not take it for a
 partition column; `version_dir` names the committed write folder, so a DuckDB view built on it
-pins one immutable snapshot.
+pins one immutable snapshot. Under the table's lock a write id's time is past that of every
+write id a HEAD of the table names (even if the clock steps back), so write ids order the
+table's writes: `versions()` (and `keep_versions` pruning, which keeps the newest) sorts by
+them, not by file mtimes (coarse, and changed by a copy, a restore or a touch). Legacy
+versions (below) sort before all others, by their `_meta.json`'s mtime. Unlocked writers
+(no flock) order by when each write started.
 
 A write never changes a folder a reader may have resolved. Under the table's lock it builds a
 new write folder (invisible until HEAD names it), fsyncs it, atomically replaces the version's
@@ -31,10 +36,19 @@ gone from it. Crash states (a SIGKILL or power loss at any instant):
     killed while collecting garbage           the new snapshot; leftovers (`.trash.*`, folders
                                               no HEAD names) are deleted by the next write
 
-A reader resolves CURRENT -> version -> HEAD -> write folder and reads it; if the folder left its
-name while it read (collected), the result is dropped and it starts over. Versions written by
-earlier releases (partitions and `_meta.json` directly in `version=<v>/`, no HEAD) read as
-before; the first write of such a version gives it a HEAD and removes the old files.
+A reader (read, read_meta, files, exists, version_dir) resolves CURRENT -> version -> HEAD ->
+write folder and reads it; if the folder left its name while it read (collected), the result is
+dropped and it starts over. So does a reader that finds the version CURRENT named with neither
+HEAD nor legacy files once CURRENT names another (it was pruned after CURRENT was read): a
+result is always one whole committed snapshot, never an empty or missing table that was not.
+After 12 attempts (a reader slower than the writes) it raises LakeError saying so; a HEAD that
+still names a write folder that is gone (deleted by hand) raises LakeError at once. Entity
+values read back as written (strings: the hive columns are typed, not inferred).
+
+Versions written by earlier releases (partitions and `_meta.json` directly in `version=<v>/`,
+no HEAD) read as before; the first write of such a version gives it a HEAD and removes the old
+files. Until then, a write folder or HEAD temporary a killed first write left in it is deleted
+by the next write of any version of the table (never its partitions or `_meta.json`).
 
 Writers take an flock on the table folder. Where the filesystem has none, a write still builds
 its own folder and commits by replacing HEAD and CURRENT (safe unlocked: last writer wins, each
@@ -180,8 +194,15 @@ def _write_text_atomic(path: Path, text: str, *, sync_dir: bool = True) -> None:
         fh.write(text.encode())
 
 
-def _new_write_id() -> str:
-    return f"w-{time.time_ns()}-{uuid.uuid4().hex[:8]}"
+def _new_write_id(after: int = 0) -> str:
+    """A new write id whose time is past `after` (the table's newest committed write), so that
+    write ids order a table's writes even when the clock steps back."""
+    return f"w-{max(time.time_ns(), after + 1)}-{uuid.uuid4().hex[:8]}"
+
+
+def _write_time(wid: str) -> int:
+    """The time (ns) in write id `wid`: the order of the table's writes."""
+    return int(wid.split("-")[1])
 
 
 def _read_head(vdir: Path) -> str | None:
@@ -200,15 +221,6 @@ def _head_or_none(vdir: Path) -> str | None:
     with suppress(LakeError):
         return _read_head(vdir)
     return None
-
-
-def _committed(vdir: Path) -> Path | None:
-    """The file whose presence makes `vdir` a committed version (HEAD, or a legacy version's
-    `_meta.json`), None when there is none."""
-    if _head_or_none(vdir) is not None:
-        return vdir / _HEAD
-    legacy = vdir / _META
-    return legacy if legacy.is_file() else None
 
 
 class Lake:
@@ -231,18 +243,32 @@ class Lake:
             return None
 
     def versions(self, name: str) -> list[str]:
-        """Every committed version of `name`, least recently written first."""
+        """Every committed version of `name`, least recently written first: by the time in
+        the write id its HEAD names (file mtimes tie on coarse clocks and change with a copy,
+        a restore or a touch). Legacy versions (no HEAD) come before every other, as they
+        were written before any HEAD was; among themselves by their `_meta.json`'s mtime."""
         table = self.table_dir(name)
-        written: dict[str, int] = {}
+        written: dict[str, tuple[int, int]] = {}
         for vdir in table.glob("version=*"):
-            marker = _committed(vdir) if vdir.is_dir() else None
-            if marker is None:
+            if not vdir.is_dir():
+                continue
+            version = vdir.name.split("=", 1)[1]
+            wid = _head_or_none(vdir)
+            if wid is not None:
+                written[version] = (1, _write_time(wid))
                 continue
             try:
-                written[vdir.name.split("=", 1)[1]] = marker.stat().st_mtime_ns
-            except FileNotFoundError:  # pruned while listing
+                written[version] = (0, (vdir / _META).stat().st_mtime_ns)
+            except (FileNotFoundError, NotADirectoryError):  # never committed, or pruned
                 continue
-        return sorted(written, key=lambda v: (written[v], v))
+        return sorted(written, key=lambda v: (*written[v], v))
+
+    def _newest_write(self, table: Path) -> int:
+        """The time in the newest write id any HEAD of the table names (0 when none)."""
+        return max(
+            (_write_time(wid) for v in table.glob("version=*") if (wid := _head_or_none(v))),
+            default=0,
+        )
 
     def _version_path(self, name: str, version: str | None) -> Path:
         """`lake/<name>/version=<version>` (default: the current version), validated."""
@@ -260,11 +286,10 @@ class Lake:
         """The folder holding `version` (default: the current one) of table `name`: its
         committed write folder, which never changes (a DuckDB view over it reads one snapshot).
         A version without a HEAD (written by an earlier release, or never) is its own folder."""
-        vdir = self._version_path(name, version)
-        wid = _read_head(vdir)
-        return vdir / wid if wid else vdir
+        return self._consistent(name, version, lambda folder: folder)
 
     def exists(self, name: str) -> bool:
+        """Whether the current version has files (resolved and retried as a read is)."""
         return self.current_version(name) is not None and bool(self.files(name))
 
     def write_snapshot(
@@ -319,7 +344,7 @@ class Lake:
                 vdir.mkdir(exist_ok=True)
                 fsync_dir(table)
             previous = _head_or_none(vdir)
-            wid = _new_write_id()
+            wid = _new_write_id(self._newest_write(table))
             folder = vdir / wid
             check_inside(self.root, folder, f"lake table {name!r}")
             folder.mkdir()
@@ -404,7 +429,8 @@ class Lake:
         """Called with the table locked: delete what no reader can reach. In every committed
         version, write folders that HEAD does not name (a killed write's, or a replaced one's),
         but for `keep` (version folder name -> a write id, the HEAD just replaced); a legacy
-        version's partitions and `_meta.json` once it has a HEAD; versions never committed
+        version's partitions and `_meta.json` once it has a HEAD, and until then the write
+        folders and HEAD temporaries in it (a killed first write's); versions never committed
         (a first write killed); stale pointer temporaries and trash."""
         keep = keep or {}
         doomed: list[Path] = []
@@ -419,6 +445,15 @@ class Lake:
                 if wid is None:
                     if not (entry / _META).is_file():
                         doomed.append(entry)  # a first write of it was killed: never committed
+                        continue
+                    # A legacy version: its partitions and _meta.json are the snapshot; a
+                    # write folder or HEAD temporary in it is a killed first write's.
+                    for inner in sorted(entry.iterdir()):
+                        if _POINTER_TMP.fullmatch(inner.name):
+                            inner.unlink(missing_ok=True)
+                            changed = True
+                        elif _WRITE_ID.fullmatch(inner.name) and not inner.is_symlink():
+                            doomed.append(inner)
                     continue
                 for inner in sorted(entry.iterdir()):
                     iname = inner.name
@@ -450,34 +485,62 @@ class Lake:
     def _resolve(self, name: str, version: str | None) -> tuple[Path, Callable[[], bool]]:
         """The folder holding `version` (default: the current one) now, and a test that it
         still does: a write folder is never re-used, so it holds that snapshot for as long as
-        it is at its name; a legacy version's files, as long as no HEAD has replaced them."""
+        it is at its name; a legacy version's files, as long as no HEAD has replaced them. A
+        version with neither (none committed) holds while CURRENT still names it: else it was
+        pruned after CURRENT was read, and the read starts over on the version CURRENT names.
+        The test raises LakeError when HEAD still names a write folder that is gone (deleted
+        by hand): no re-write is under way, so starting over cannot help."""
         vdir = self._version_path(name, version)
+        named = vdir.name.split("=", 1)[1]
         wid = _read_head(vdir)
         if wid is not None:
             folder = vdir / wid
-            return folder, folder.is_dir
+
+            def holds() -> bool:
+                if folder.is_dir():
+                    return True
+                if _head_or_none(vdir) == wid:  # collected folders are never HEAD's
+                    raise LakeError(
+                        f"HEAD of lake table {name!r} version {named} names the missing write "
+                        f"folder {wid} (under {vdir}; deleted by hand?): re-write the table"
+                    )
+                return False
+
+            return folder, holds
         had = (vdir / _META).is_file()  # a legacy version, or (False) none committed
-        return vdir, lambda: _read_head(vdir) is None and (vdir / _META).is_file() == had
+
+        def holds_legacy() -> bool:
+            if _read_head(vdir) is not None or (vdir / _META).is_file() != had:
+                return False
+            return had or version is not None or self.current_version(name) == named
+
+        return vdir, holds_legacy
 
     def _consistent(self, name: str, version: str | None, read: Callable[[Path], T]) -> T:
         """`read(folder)` of one whole snapshot: started over (with a short pause) when the
         folder was collected while it was being read, so a result never mixes two writes."""
         pause = _READ_BACKOFF_S
+        failed: BaseException | None = None
         for attempt in range(_READ_ATTEMPTS):
             folder, holds = self._resolve(name, version)
             try:
                 result = read(folder)
-            except (OSError, LakeError, pl.exceptions.PolarsError):
-                if holds() or attempt == _READ_ATTEMPTS - 1:
+            except (OSError, LakeError, pl.exceptions.PolarsError) as err:
+                if holds():
                     raise
+                failed = err
             else:
                 if holds():
                     return result
-            time.sleep(pause)
-            pause = min(pause * 2, 0.1)
+                failed = None
+            if attempt < _READ_ATTEMPTS - 1:
+                time.sleep(pause)
+                pause = min(pause * 2, 0.1)
         raise LakeError(
-            f"Lake table {name!r} was re-written {_READ_ATTEMPTS} times while being read; try again"
-        )
+            f"Lake table {name!r} was re-written {_READ_ATTEMPTS} times while being read (each "
+            "time, the snapshot it had resolved was replaced and collected before the read "
+            "ended); read it again, or when its writes are less frequent"
+        ) from failed
 
     def read(self, name: str, version: str | None = None) -> pl.DataFrame:
         """A version (default: the current one) with its entity column restored from the hive
@@ -489,12 +552,15 @@ class Lake:
                 raise LakeError(
                     f"Lake table {name!r} has no files under {folder}; materialize it first"
                 )
-            df = pl.read_parquet(paths, hive_partitioning=True)
-            hive = _first_hive_dir(folder)
-            entity_cols = [c for c in df.columns if c != "year" and f"{c}=" in hive]
-            return df.drop("year", "version", strict=False).with_columns(
-                [pl.col(c).cast(pl.String) for c in entity_cols]
-            )
+            # The hive columns are typed, not inferred from the folder names (that made the
+            # symbols 007 and 1E5 the floats 7.0 and 100000.0): polars parses every `k=v`
+            # segment of the path, so each needs a type; all but `year` are strings. Only
+            # those under `folder` but `year` (the entity) are kept as columns.
+            keys = [p.split("=", 1)[0] for p in paths[0].parts if "=" in p]
+            inner = [p.split("=", 1)[0] for p in paths[0].relative_to(folder).parts if "=" in p]
+            schema = {k: pl.Int64 if k == "year" else pl.String for k in keys}
+            df = pl.read_parquet(paths, hive_partitioning=True, hive_schema=schema)
+            return df.drop([k for k in schema if k == "year" or k not in inner], strict=False)
 
         return self._consistent(name, version, read)
 
@@ -523,8 +589,3 @@ def _parquet_files(folder: Path) -> list[Path]:
     """The Parquet files of one snapshot folder, sorted: a write folder's, or a legacy
     version's own partitions (not those of a write folder a killed first write left in it)."""
     return sorted(p for p in folder.glob("*=*/**/*.parquet") if not p.name.startswith("."))
-
-
-def _first_hive_dir(table: Path) -> str:
-    first = next(iter(sorted(table.glob("*=*"))), None)
-    return first.name if first else ""

@@ -269,11 +269,20 @@ class Warehouse:
                 # Only the partition folders (`<entity>=<e>/year=<y>/`) of the committed write
                 # folder: never another write's folder that a killed write left inside a
                 # legacy version folder.
-                pattern = str(lake.version_dir(name) / "*=*" / "**" / "*.parquet")
-                pattern = pattern.replace("'", "''")
+                folder = lake.version_dir(name)
+                pattern = str(folder / "*=*" / "**" / "*.parquet").replace("'", "''")
+                # the entity (symbol, series) stays a string: DuckDB would read an all-digit
+                # one (`100`, `007`) as a number, as polars did before the lake fixed its types
+                entity = next((p.name.split("=", 1)[0] for p in sorted(folder.glob("*=*"))), None)
+                types = (
+                    f", hive_types = {{'{entity}': 'VARCHAR'}}"
+                    if entity and _IDENT.match(entity)
+                    else ""
+                )
                 con.execute(
                     f"CREATE OR REPLACE VIEW lake_{name} AS SELECT * EXCLUDE (version) FROM "  # noqa: S608
-                    f"read_parquet('{pattern}', hive_partitioning = true, union_by_name = true)"
+                    f"read_parquet('{pattern}', hive_partitioning = true, union_by_name = true"
+                    f"{types})"
                 )
                 made.append(f"lake_{name}")
         return made
