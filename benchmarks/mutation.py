@@ -245,6 +245,10 @@ def _explanations() -> dict[str, str]:
 
 def write_summary(results: dict, max_children: int) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
+    explained = _explanations()  # benchmarks/mutation.toml as it is now, for every module
+    for m in results["modules"].values():
+        for s in m["survivors"]:
+            s["explanation"] = explained.get(s["mutant"], "UNEXPLAINED")
     (RESULTS / "mutation.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     mods = results["modules"]
     lines = [
@@ -281,6 +285,12 @@ def write_summary(results: dict, max_children: int) -> None:
         "that records which of its tests call which function.",
         "",
     ]
+    notes = tomllib.loads(EXPLAINED.read_text()).get("notes", []) if EXPLAINED.exists() else []
+    if notes:
+        lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    for key, m in mods.items():
+        if m.get("note"):
+            lines += [f"{key}: {m['note']}", ""]
     for key, m in mods.items():
         if not m["survivors"]:
             continue
@@ -332,9 +342,8 @@ def main() -> int:
             if key not in results["modules"]:
                 continue
             old = results["modules"][key]
-            results["modules"][key] = summarize(
-                key, old["seconds"], old["mutmut_exit_code"], old["run_at"]
-            )
+            new = summarize(key, old["seconds"], old["mutmut_exit_code"], old["run_at"])
+            results["modules"][key] = {**old, **new}  # keeps cpu_seconds, tests, note
         else:
             results["modules"][key] = run_module(key, args.max_children)
         results["modules"] = {k: results["modules"][k] for k in MODULES if k in results["modules"]}

@@ -204,20 +204,26 @@ def test_weekly_retrain_requests_the_current_fold():
     assert weekly_retrain_schedule(ctx).partition_key == "2024"
 
 
-def test_loading_the_definitions_imports_no_training_stack():
-    code = (
-        "import json, sys; import pipelines.definitions; "
-        f"print(json.dumps([m for m in {TRAINING_STACK!r} if m in sys.modules]))"
-    )
+def _python(code: str, timeout: float = 180):
+    """Run `code` in a fresh interpreter in the project folder; the JSON its last line prints."""
     proc = subprocess.run(
         [sys.executable, "-c", code],
         cwd=Path(__file__).resolve().parents[1],
         capture_output=True,
         text=True,
-        timeout=120,
-        check=True,
+        timeout=timeout,
     )
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_loading_the_definitions_imports_no_training_stack():
+    # what every CLI call, code server and forkserver does: build defs() (every asset module)
+    code = (
+        "import json, sys; from pipelines.definitions import defs; defs(); "
+        f"print(json.dumps([m for m in {TRAINING_STACK!r} if m in sys.modules]))"
+    )
+    assert _python(code) == []
 
 
 # -- the dg project: autoloading, no hand-kept lists, the preloaded forkserver ------------------
@@ -241,15 +247,7 @@ def test_a_new_asset_module_is_in_the_graph_by_being_in_the_assets_package(tmp_p
         "print(json.dumps([sorted(k.to_user_string() for k in g.get_all_asset_keys()), "
         "sorted(k.to_user_string() for k in g.asset_check_keys)]))"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    keys, checks = json.loads(proc.stdout.strip().splitlines()[-1])
+    keys, checks = _python(code)
     assert set(keys) == {*EXPECTED_GRAPH, "probe_table"}
     assert "probe_table:probe_check" in checks
 
@@ -301,11 +299,7 @@ def test_the_forkserver_preloads_every_asset_module_and_builds_the_definitions_o
         "after = d.project_definitions.cache_info(); "
         "print(json.dumps([before.currsize, after.hits - before.hits, after.misses - before.misses]))"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=180
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [1, 1, 0]
+    assert _python(code) == [1, 1, 0]
 
 
 # -- Dagster's standard metadata on the definitions --------------------------------------------

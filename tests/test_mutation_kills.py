@@ -1,12 +1,18 @@
 """Tests that kill mutants `make mutate` (benchmarks/mutation.py, mutmut) found surviving in the
-guard modules: each pins a behaviour the existing tests left open. benchmarks/results/mutation.md
-lists the mutant each one kills."""
+guard modules: each pins a behaviour the existing tests left open (each was checked to fail on
+its mutants and pass on the real code). benchmarks/results/mutation.md has the figures."""
 
 import pytest
+import requests
 import torch
+from requests.structures import CaseInsensitiveDict
 
 from ml.trainer import Trainer
 from tests.test_trainer import RESUME_VARIANTS, make_model, quick_cfg, toy_sequences
+from warehouse.sources import http as http_mod
+from warehouse.sources.base import SourceFetchError
+from warehouse.sources.http import display_url, get_with_retries, parse_retry_after
+from warehouse.sources.retry import RetryPolicy
 
 
 @pytest.fixture(autouse=True)
@@ -68,14 +74,6 @@ def test_resuming_after_an_interrupted_run_in_process_gives_the_uninterrupted_we
 # -- warehouse/sources/http.py ---------------------------------------------------------------
 # A fake session and responses: the exact messages, the status bounds and the session's life,
 # without a server.
-
-import requests  # noqa: E402
-from requests.structures import CaseInsensitiveDict  # noqa: E402
-
-from warehouse.sources import http as http_mod  # noqa: E402
-from warehouse.sources.base import SourceFetchError  # noqa: E402
-from warehouse.sources.http import display_url, get_with_retries, parse_retry_after  # noqa: E402
-from warehouse.sources.retry import RetryPolicy  # noqa: E402
 
 ONCE = RetryPolicy(attempts=1, base_delay_s=0.0)
 TWICE = RetryPolicy(attempts=2, base_delay_s=0.0)
@@ -203,4 +201,13 @@ def test_another_request_error_names_its_type_and_masks_the_secret():
         _get(_Session(exc), {"api_key": "s3cr3t"})
     assert str(err.value) == (
         "demo: fetching Jan failed: InvalidURL: bad url with *** in it (https://h/p?api_key=***)"
+    )
+
+
+def test_a_known_4xx_gets_its_own_hint():
+    with pytest.raises(SourceFetchError) as err:
+        _get(_Session(_Resp(404, reason="Not Found")))
+    assert str(err.value).endswith(
+        "Hint: the endpoint or the requested id does not exist; check base_url and the "
+        "asset / series ids."
     )
