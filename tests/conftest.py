@@ -1,3 +1,4 @@
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -7,7 +8,31 @@ import pytest
 from warehouse import DataPaths, Warehouse
 from warehouse.sources import make_source
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# the real files (../shared/data beside the checkout); MAMBACAST_SHARED_DATA points elsewhere
+SHARED_DATA = Path(
+    os.environ.get("MAMBACAST_SHARED_DATA")
+    or Path(__file__).resolve().parents[2] / "shared" / "data"
+)
+NO_SHARED_DATA = "../shared/data is not present"  # the skip reason of every real-file test
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say it out loud when the real files were absent: their tests hold the checks against
+    real Bitcoin, on-chain, FRED and stock files, and skipping them is easy to miss."""
+    skipped = [
+        r
+        for r in terminalreporter.stats.get("skipped", [])
+        if isinstance(r.longrepr, tuple) and NO_SHARED_DATA in str(r.longrepr[-1])
+    ]
+    if skipped:
+        terminalreporter.write_sep("!", "REAL DATA NOT TESTED", red=True, bold=True)
+        terminalreporter.write_line(
+            f"{len(skipped)} tests on the real files were skipped: {SHARED_DATA} is absent. "
+            "The hourly-to-daily resampling was checked on synthetic bars only "
+            "(tests/test_store.py). Put the shared data beside the checkout (../shared/data) "
+            "or set MAMBACAST_SHARED_DATA to run them.",
+            red=True,
+        )
 
 
 @pytest.fixture

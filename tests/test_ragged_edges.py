@@ -23,7 +23,7 @@ from ml.features import (
     select_model_columns,
 )
 from ml.leakage import check_truncation_invariance
-from tests.conftest import SHARED_DATA
+from tests.conftest import NO_SHARED_DATA, SHARED_DATA
 from warehouse import DataPaths, Lake, Warehouse
 from warehouse.quality import (
     check_gaps,
@@ -326,9 +326,7 @@ def test_the_features_asset_drops_the_early_ending_series_and_its_checks_pass(ra
 
 # --- the real files in ../shared/data (skipped without them) ----------------------------------
 
-needs_shared_data = pytest.mark.skipif(
-    not SHARED_DATA.is_dir(), reason="../shared/data is not present"
-)
+needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=NO_SHARED_DATA)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 
 from pipelines.run import _fold_range, real_inputs
-from tests.conftest import SHARED_DATA
+from tests.conftest import NO_SHARED_DATA, SHARED_DATA
 from warehouse import DataPaths, Lake
 
 
@@ -37,7 +37,7 @@ def test_a_data_folder_without_the_real_files_is_refused(tmp_path):
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=NO_SHARED_DATA)
 def test_real_inputs_point_the_file_connectors_at_the_shared_files(tmp_path):
     sources, days = real_inputs(SHARED_DATA, tmp_path, stocks=False)
     assert sources["ohlcv_source"] == "file" and sources["symbols"] == ["BTC-USD"]

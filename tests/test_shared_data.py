@@ -5,12 +5,12 @@ from datetime import datetime
 import polars as pl
 import pytest
 
-from tests.conftest import SHARED_DATA
+from tests.conftest import NO_SHARED_DATA, SHARED_DATA
 from warehouse.sources import make_source
 
 pytestmark = [
     pytest.mark.realdata,
-    pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present"),
+    pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=NO_SHARED_DATA),
 ]
 
 

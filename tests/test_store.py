@@ -312,3 +312,36 @@ def test_a_replace_that_blanks_stored_values_fails_unless_confirmed(warehouse):
     warehouse.replace_window("onchain", blank, JAN, FEB, src.entities, allow_shrink=True)
     warehouse.replace_window("onchain", rows, JAN, FEB, src.entities)
     assert warehouse.read("onchain").equals(before)
+
+
+def test_hourly_bars_resample_to_daily_bars_by_an_independent_aggregation(warehouse):
+    # the check the real hourly file makes, on synthetic bars so that it always runs: every
+    # daily bar equals the UTC day's hourly bars aggregated here in plain Python (first open,
+    # highest high, lowest low, last close, summed volume), for every symbol and day; a flat
+    # hour (high == low) and an hour missing from one day included
+    start, days = datetime(2021, 3, 1), 20
+    source = make_source("ohlcv", "synthetic", timeframe="1h", symbols=["BTC-USD", "ACME"])
+    bars = source.fetch(start, start + timedelta(days=days))
+    flat = datetime(2021, 3, 4, 7)
+    bars = bars.with_columns(
+        [
+            pl.when(pl.col("ts") == flat).then(pl.col("close")).otherwise(pl.col(c)).alias(c)
+            for c in ("open", "high", "low")
+        ]
+    ).filter(~((pl.col("symbol") == "ACME") & (pl.col("ts") == datetime(2021, 3, 9, 13))))
+    warehouse.replace_bars("1h", bars, start, start + timedelta(days=days), source.entities)
+    expected: dict[tuple[str, datetime], dict] = {}
+    for row in bars.sort("symbol", "ts").iter_rows(named=True):
+        key = (row["symbol"], datetime(row["ts"].year, row["ts"].month, row["ts"].day))
+        day = expected.setdefault(
+            key, {"open": row["open"], "high": row["high"], "low": row["low"], "volume": 0.0}
+        )
+        day["high"] = max(day["high"], row["high"])
+        day["low"] = min(day["low"], row["low"])
+        day["close"] = row["close"]
+        day["volume"] += row["volume"]
+    got = {(r["symbol"], r["ts"]): r for r in warehouse.read("ohlcv").iter_rows(named=True)}
+    assert set(got) == set(expected) and len(got) > days  # ACME trades on business days
+    for key, day in expected.items():
+        for column, value in day.items():
+            assert got[key][column] == pytest.approx(value, rel=1e-12), (key, column)
