@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from warehouse.lake import dir_lock, fsync_dir, fsync_tree
+from warehouse.lake import dir_lock, fsync_dir, fsync_tree, write_text_atomic
 from warehouse.paths import check_inside
 
 log = logging.getLogger(__name__)
@@ -189,17 +189,8 @@ class ArtifactStore:
             for stale in folder.glob(".LATEST.*.tmp") if locked else ():  # no one's: remove
                 if _LATEST_TMP.fullmatch(stale.name):
                     stale.unlink(missing_ok=True)
-            tmp = folder / f".LATEST.{uuid.uuid4().hex}.tmp"
-            try:
-                with open(tmp, "w") as fh:
-                    fh.write(version + "\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, pointer)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-            fsync_dir(folder)
+            # fsynced, renamed over LATEST (as .LATEST.<hex>.tmp first), the folder fsynced
+            write_text_atomic(pointer, version + "\n")
 
 
 @contextmanager

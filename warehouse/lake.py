@@ -189,7 +189,7 @@ def write_parquet_atomic(
         df.write_parquet(fh, compression="zstd", statistics=True)
 
 
-def _write_text_atomic(path: Path, text: str, *, sync_dir: bool = True) -> None:
+def write_text_atomic(path: Path, text: str, *, sync_dir: bool = True) -> None:
     with _atomic_file(path, sync_dir=sync_dir) as fh:
         fh.write(text.encode())
 
@@ -350,7 +350,7 @@ class Lake:
             folder.mkdir()
             try:
                 parts = self._stage(folder, df, time_column, entity_column)
-                _write_text_atomic(
+                write_text_atomic(
                     folder / _META,
                     json.dumps(
                         {**(meta or {}), "version": version, "write_id": wid},
@@ -365,12 +365,12 @@ class Lake:
                 if missing:  # someone deleted our folder (an unlocked cleaner): commit nothing
                     raise LakeError(f"{folder} lost {missing} while being written; not committed")
                 fsync_dir(vdir)
-                _write_text_atomic(vdir / _HEAD, wid + "\n")  # the commit point
+                write_text_atomic(vdir / _HEAD, wid + "\n")  # the commit point
             except BaseException:
                 if _head_or_none(vdir) != wid:
                     remove_path(folder)  # ours, never named: no reader has it
                 raise
-            _write_text_atomic(table / "CURRENT", version + "\n")
+            write_text_atomic(table / "CURRENT", version + "\n")
             if locked:
                 self._collect(table, keep={vdir.name: previous})
                 if keep_versions is not None:
