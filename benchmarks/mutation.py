@@ -60,8 +60,18 @@ MODULES: dict[str, tuple[str, list[str]]] = {
 # mutated function). [tool.mutmut] in pyproject.toml lists all of them for a plain `mutmut run`;
 # a module's run gets only its own, so its recorded clean run and its slowest mutants stay short.
 _COMMON = ["tests/test_mutation_kills.py"]
+# the Dagster runs of tests/test_leakage.py (a materialized graph, 12 s of fixture and 2 to 5 s
+# each) test the asset checks' wiring, not ml/leakage.py's rules, which its unit tests cover
+_LEAKAGE_GRAPH_TESTS = (
+    "test_clean_pipeline_passes_every_leakage_check",
+    "test_a_leaky_feature_blocks_everything_downstream",
+    "test_stored_features_leak_in_the_asset_code_path_blocks_training",
+)
 MODULE_TESTS: dict[str, list[str]] = {
-    "leakage": ["tests/test_leakage.py"],
+    "leakage": [
+        "tests/test_leakage.py",
+        *[a for t in _LEAKAGE_GRAPH_TESTS for a in ("--deselect", f"tests/test_leakage.py::{t}")],
+    ],
     "store": ["tests/test_store.py", "tests/test_kill.py", "tests/test_security.py"],
     "lake": ["tests/test_lake.py", "tests/test_atomic_rewrite.py", "tests/test_security.py"],
     "artifacts": [

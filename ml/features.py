@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 
+import numpy as np
 import polars as pl
 
 from ml.indicators import (
@@ -33,8 +34,10 @@ from ml.indicators import (
     true_range,
 )
 
-# 3: hour of day counts seconds; 4: macro columns follow the series present, ages, on-chain carry
-FEATURES_CODE_VERSION = "4"
+# 3: hour of day counts seconds; 4: macro columns follow the series present, ages, on-chain carry;
+# 5: a macro change uses only observations public when its newest one was, an observation
+# published after a newer one never becomes the series' current value, %B of a flat window is 1
+FEATURES_CODE_VERSION = "5"
 # the default macro series, in the order of their columns; other series present follow, sorted
 MACRO_SERIES = ("DTWEXBGS", "DGS10", "DGS2", "T10Y2Y")
 ONCHAIN_AGE_COLUMN = "onchain_age_days"
@@ -458,11 +461,10 @@ def _by_day(
     w = cfg.macro_change_window
     lf = days.sort("date").with_columns(_calendar(pl.col("date")))
     for name in series:
+        one = macro.filter(pl.col("series") == name).sort("date")
         s = (
-            macro.lazy()
-            .filter(pl.col("series") == name)
-            .sort("date")
-            .with_columns((pl.col("value") - pl.col("value").shift(w)).alias(f"{name}_chg_{w}"))
+            one.lazy()
+            .with_columns(_change_as_published(one, w).alias(f"{name}_chg_{w}"))
             .select(
                 pl.col("published").alias("date"),
                 pl.col("published").alias("_published"),
@@ -473,6 +475,10 @@ def _by_day(
             # several observations published on one day (a weekly release): the as-of join
             # takes the last row of a day, which must be the newest observation
             .sort(["date", "_observed"])
+            # an observation first published after a newer one (a value first released as
+            # missing and filled in later, or a file's own `published`) is history for later
+            # changes, never the series' current value
+            .filter(pl.col("_observed") == pl.col("_observed").cum_max())
             .drop("_observed")
         )
         lf = lf.join_asof(
@@ -485,6 +491,28 @@ def _by_day(
             (pl.col("date") - pl.col("_published")).dt.total_days().alias(f"{name}_age_days")
         ).drop("_published")
     return lf
+
+
+def _change_as_published(one: pl.DataFrame, w: int) -> pl.Series:
+    """Per observation of one macro series (rows sorted by observation date): its value minus
+    the value of the `w`-th earlier observation among those published by its own publication
+    date, so the change uses nothing that was not public when the row itself became public
+    (null with fewer than `w` such observations). Where publication follows observation order,
+    as with the next-business-day rule, that is `value - value.shift(w)`."""
+    value = one["value"].cast(pl.Float64).to_numpy().astype(float)  # null -> nan
+    published = one["published"].to_physical().to_numpy()
+    out = np.full(len(value), np.nan)
+    if w < 1 or len(value) <= w:
+        return pl.Series(out).fill_nan(None)
+    # rows whose `w` previous observations were all published by their own date: a plain shift
+    window = np.lib.stride_tricks.sliding_window_view(published[:-1], w).max(axis=1)
+    in_order = window <= published[w:]
+    out[w:] = np.where(in_order, value[w:] - value[:-w], np.nan)
+    for row in np.flatnonzero(~in_order) + w:  # rare: walk back over the public ones
+        public = np.flatnonzero(published[:row] <= published[row])
+        if len(public) >= w:
+            out[row] = value[row] - value[public[-w]]
+    return pl.Series(out).fill_nan(None)
 
 
 def _onchain_by_day(

@@ -87,12 +87,16 @@ def bbands_from(
     suffix = f"{length}_{float(std)}"
     lower, upper = middle - std * sd, middle + std * sd
     width = _non_zero(upper - lower)
+    # a flat window (population std exactly 0) has the close on both bands: pandas-ta's
+    # zero-width branch, %B = eps / eps = 1. The SMA's rounding residual (an ulp of the price)
+    # must not be divided by eps: it gave %B = +-2048 and more on flat runs of bars
+    position = pl.when(sd == 0.0).then(1.0).otherwise(_non_zero(close - lower) / width)
     return {
         f"BBL_{suffix}": lower,
         f"BBM_{suffix}": middle,
         f"BBU_{suffix}": upper,
         f"BBB_{suffix}": 100.0 * width / middle,
-        f"BBP_{suffix}": _non_zero(close - lower) / width,
+        f"BBP_{suffix}": position,
     }
 
 

@@ -15,6 +15,7 @@ from ml.features import (
     onchain_symbols_of,
     select_model_columns,
 )
+from tests.conftest import NO_SHARED_DATA, SHARED_DATA
 from warehouse.schema import MACRO, ONCHAIN
 from warehouse.sources import make_source
 
@@ -69,6 +70,147 @@ def test_indicators_match_pandas_ta_classic(feats, synthetic_ohlcv, symbol):
     for name, ref in reference.items():
         assert ref.name == name, f"pandas-ta calls it {ref.name}, we call it {name}"
         _assert_matches_after_warm_up(ours[name], ref, bars["close"], name)
+
+
+# --- bars with high == low: pandas-ta's zero-range branch -------------------------------------
+
+FLAT_START = 40  # the first 40 bars flat: RSI's seed has no gain and no loss (0 / 0)
+EXACT_FLAT_PRICE = 4000.0  # a flat window numpy's variance gets exactly 0 for
+INEXACT_FLAT_PRICE = 2205.4315846393924  # one it leaves a rounding residual for (2e-25)
+
+
+def _zero_range_reference(bars) -> dict:
+    """`_pandas_ta_reference`, with the 20-bar range position as pandas-ta's Williams %R has
+    it (range_position = WILLR / 100 + 1: no zero-range branch, 0 / 0 on a flat window)."""
+    close, high, low = (bars[c].to_pandas() for c in ("close", "high", "low"))
+    return {
+        **_pandas_ta_reference(bars),
+        "range_position_20": ta.willr(high, low, close, 20) / 100 + 1,
+    }
+
+
+def _flat_windows(bars, length: int = 20) -> np.ndarray:
+    """Rows whose last `length` closes are all equal: the Bollinger bands have zero width."""
+    close = bars["close"]
+    return (close.rolling_max(length) == close.rolling_min(length)).fill_null(False).to_numpy()
+
+
+def _assert_matches_with_zero_ranges(got, ref, warm_up, bars, name) -> None:
+    """Equal to pandas-ta-classic on bars with zero ranges, missing values included.
+
+    Ours is null in the warm-up (the leading values pandas-ta has no value for on ordinary
+    bars) and nowhere after it; an undefined value after the warm-up (0 / 0: RSI over a flat
+    seed, the range position of a flat window) is NaN where pandas-ta has NaN, infinities are
+    where pandas-ta has them. %B of a flat window (zero-width bands) is pandas-ta's zero-range
+    branch, eps / eps = 1: pandas-ta itself gives 1 where numpy's rolling variance is exactly 0
+    and 0.5 where it leaves a rounding residual (an ulp-sized standard deviation, the close
+    then sits halfway between bands an ulp apart). The bandwidth of such bands is 0 up to that
+    residual (1e-13 percent), hence an atol for BBB.
+    """
+    ref = np.asarray(ref, dtype=float)
+    values = got.to_numpy().astype(float)  # null -> NaN
+    assert got[:warm_up].is_null().all(), f"{name}: not null in the warm-up"
+    assert got[warm_up:].null_count() == 0, f"{name}: null after the warm-up"
+    assert np.array_equal(np.isnan(ref), np.isnan(values)), f"{name}: NaN rows differ"
+    for inf in (np.inf, -np.inf):
+        assert np.array_equal(ref == inf, values == inf), f"{name}: {inf} rows differ"
+    compared = np.isfinite(ref)
+    if name.startswith("BBP"):
+        flat = _flat_windows(bars)
+        assert (values[flat] == 1.0).all(), f"{name} of a flat window: {set(values[flat])}"
+        assert np.isin(ref[flat], (0.5, 1.0)).all(), f"pandas-ta {name}: {set(ref[flat])}"
+        compared &= ~flat
+    atol = 0.0
+    if name.startswith(("MACD", "MOM")):  # as in _assert_matches_after_warm_up
+        atol = 1e-12 * bars["close"].max()
+    elif name.startswith(("BBB", "range_position")):  # percent of the price, 0..1
+        atol = 1e-12
+    np.testing.assert_allclose(values[compared], ref[compared], rtol=1e-9, atol=atol, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def warm_ups(synthetic_ohlcv) -> dict[str, int]:
+    """Each indicator's warm-up: the leading bars pandas-ta has no value for on ordinary bars."""
+    bars = synthetic_ohlcv.filter(pl.col("symbol") == "BTC-USD").sort("ts").head(300)
+    return {
+        name: int(np.argmax(~np.isnan(np.asarray(ref, dtype=float))))
+        for name, ref in _zero_range_reference(bars).items()
+    }
+
+
+def _plant_flat_bars(bars: pl.DataFrame) -> pl.DataFrame:
+    """`bars` with flat bars (open = high = low = close) planted: a flat start, single flat
+    bars (gapping from the previous close, at the previous close, at the bar's open) and two
+    runs of 30 flat bars, each making whole 20-bar (and 14-bar) windows zero-range."""
+    close, open_ = bars["close"].to_list(), bars["open"].to_list()
+    flat = dict.fromkeys(range(FLAT_START), close[0])
+    flat |= {60: close[60], 61: close[60], 100: open_[100]}
+    flat |= dict.fromkeys(range(150, 180), EXACT_FLAT_PRICE)
+    flat |= dict.fromkeys(range(250, 280), INEXACT_FLAT_PRICE)
+    price = pl.Series(list(flat.values()), dtype=pl.Float64)
+    planted = pl.DataFrame(
+        {"_row": list(flat), "_flat": price}, schema_overrides={"_row": pl.UInt32}
+    )
+    return (
+        bars.with_row_index("_row")
+        .join(planted, on="_row", how="left")
+        .with_columns([pl.coalesce("_flat", c).alias(c) for c in ("open", "high", "low", "close")])
+        .drop("_row", "_flat")
+    )
+
+
+def test_indicators_match_pandas_ta_classic_on_bars_with_high_equal_to_low(
+    synthetic_ohlcv, warm_ups
+):
+    ordinary = synthetic_ohlcv.filter(pl.col("symbol") == "BTC-USD").sort("ts").head(400)
+    bars = _plant_flat_bars(ordinary)
+    flat_bar = (bars["high"] == bars["low"]).to_numpy()
+    assert flat_bar.sum() == FLAT_START + 3 + 60 and not (ordinary["high"] == ordinary["low"]).any()
+    empty_onchain, empty_macro = (pl.DataFrame(schema=t.columns) for t in (ONCHAIN, MACRO))
+    ours = compute_features(bars, empty_onchain, empty_macro)
+    reference = _zero_range_reference(bars)
+    assert len(reference) == 20
+    for name, ref in reference.items():
+        _assert_matches_with_zero_ranges(ours[name], ref, warm_ups[name], bars, name)
+
+    # the planted bars reach each zero-range branch
+    rsi = reference["RSI_14"].to_numpy()
+    assert np.isnan(rsi[:FLAT_START]).all() and not np.isnan(rsi[FLAT_START:]).any()
+    assert ours["RSI_14"][14:FLAT_START].is_nan().all()  # 0 / 0, after the warm-up
+    eps = np.finfo(float).eps
+    assert ours["ATRr_14"][14:FLAT_START].to_numpy() == pytest.approx(eps)  # true range eps
+    bbp = reference["BBP_20_2.0"].to_numpy()
+    assert (bbp[169:180] == 1.0).all() and (bbp[269:280] == 0.5).all()  # pandas-ta's two
+    assert (ours["BBP_20_2.0"].to_numpy()[[*range(169, 180), *range(269, 280)]] == 1.0).all()
+    flat = _flat_windows(bars)
+    assert flat.sum() == (FLAT_START - 19) + 11 + 11
+    assert np.array_equal(
+        ours["range_position_20"].is_nan().fill_null(False).to_numpy(), flat
+    )  # 0 / 0
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=NO_SHARED_DATA)
+@pytest.mark.parametrize(
+    ("name", "symbol", "flat_bars", "flat_windows"),
+    [
+        ("btc_usd_1h_bitstamp.csv", "BTC-USD", 6, 0),
+        ("btc_usdt_1h_binance.csv", "BTC-USDT", 118, 15),
+    ],
+)
+def test_indicators_match_pandas_ta_classic_on_the_real_hourly_files(
+    warm_ups, name, symbol, flat_bars, flat_windows
+):
+    """The real hourly files have bars with high == low (Binance's a 34-hour flat run, whose
+    %B was +-4096 before flat windows took pandas-ta's zero-range branch)."""
+    src = make_source("ohlcv", "file", path=str(SHARED_DATA / name), symbols=(symbol,))
+    bars = src.fetch(datetime(2000, 1, 1), datetime(2030, 1, 1)).sort("ts")
+    assert (bars["high"] == bars["low"]).sum() == flat_bars
+    assert _flat_windows(bars).sum() == flat_windows
+    empty_onchain, empty_macro = (pl.DataFrame(schema=t.columns) for t in (ONCHAIN, MACRO))
+    ours = compute_features(bars, empty_onchain, empty_macro)
+    for ind, ref in _zero_range_reference(bars).items():
+        _assert_matches_with_zero_ranges(ours[ind], ref, warm_ups[ind], bars, ind)
 
 
 def test_intraday_indicators_match_pandas_ta_classic_and_hour_is_cyclical():

@@ -12,7 +12,7 @@ import pytest
 from scipy.stats import spearmanr
 from sklearn.ensemble import RandomForestRegressor
 
-from ml.forecasters import REGISTRY, FoldData
+from ml.forecasters import ALL_TARGETS, REGISTRY, FoldData
 from ml.forecasters.lightgbm import EWMA_INPUT
 from ml.forecasters.random_forest import (
     RandomForestForecastConfig,
@@ -174,9 +174,16 @@ def test_random_forest_is_deterministic_for_a_seed_and_the_seed_matters(
         assert not np.allclose(reseeded[column], random_forest_planted[column]), column
 
 
-def test_xgboost_is_deterministic_for_a_seed(planted, xgboost_planted):
+def test_xgboost_is_deterministic_for_a_seed_and_the_seed_matters(planted, xgboost_planted):
+    """XGB_QUICK keeps the default subsample and colsample_bytree 0.8, which the seed draws:
+    every booster's predictions move with it."""
     again = XGBoostForecaster(XGB_QUICK).fit(planted).predict(planted)
     assert again.equals(xgboost_planted)
+    assert XGB_QUICK.subsample < 1 and XGB_QUICK.colsample_bytree < 1
+    other = dataclasses.replace(XGB_QUICK, seed=XGB_QUICK.seed + 1)
+    reseeded = XGBoostForecaster(other).fit(planted).predict(planted)
+    for column in (c for t in ALL_TARGETS for c in SPEC.prediction_columns(t)):
+        assert not np.allclose(reseeded[column], xgboost_planted[column]), column
 
 
 def test_random_forest_quantiles_match_a_brute_force_weighted_quantile():

@@ -27,6 +27,7 @@ from ml.leakage import (
 )
 from ml.walkforward import WalkForwardConfig, assign_fold, fold_for_key
 from pipelines.defs.resources import default_resources
+from warehouse.sources import make_source
 
 COLS = model_feature_columns(FeatureConfig())
 START, END = datetime(2018, 1, 1), datetime(2020, 1, 1)
@@ -156,6 +157,92 @@ def test_stored_features_leak_on_the_newest_rows_or_in_the_prices_fails(raw):
     )
     report = check_truncation_invariance(*raw, COMPUTE_FEATURES, COLS, stored=infinite)
     assert not report.passed and set(report.offending["column"]) == {"log_ret_5"}
+
+
+def _plain_shift_change(one, w):
+    """The macro change as it was before features code 5: a shift over observation dates."""
+    return one["value"] - one["value"].shift(w)
+
+
+def test_a_macro_change_over_a_late_released_observation_is_a_macro_late_release_leak(
+    raw, monkeypatch
+):
+    """An observation first released late (ALFRED: first published as missing, filled in later)
+    must not enter the change of a newer observation published before it."""
+    o, c, m = raw
+    late = (pl.col("series") == "DGS10") & (pl.col("date") == datetime(2019, 6, 3).date())
+    assert m.filter(late).height == 1
+    m = m.with_columns(
+        published=pl.when(late).then(datetime(2019, 6, 20).date()).otherwise("published")
+    )
+    cut = [datetime(2019, 6, 12)]  # after Monday 10 June is published, before 3 June is
+    clean = check_truncation_invariance(o, c, m, COMPUTE_FEATURES, COLS, cuts=cut)
+    assert clean.passed, clean.summary()
+    monkeypatch.setattr(ml_features, "_change_as_published", _plain_shift_change)
+    report = check_truncation_invariance(o, c, m, COMPUTE_FEATURES, COLS, cuts=cut)
+    assert not report.passed
+    assert set(report.offending["column"]) == {"DGS10_chg_5"}
+    # the bars after 3 June's usual publication, up to the cut: the plain shift counts 3 June
+    # among the five earlier observations of the changes published then (10 June's is from it)
+    offending_days = set(report.offending["ts"].dt.date())
+    assert datetime(2019, 6, 11).date() in offending_days
+    assert min(offending_days) > datetime(2019, 6, 3).date()
+
+
+def test_macro_values_and_changes_use_only_observations_public_at_the_time(synthetic_onchain):
+    """Against a brute force over each bar date: the current value is the newest observation
+    published by then (within the staleness limit); its change is against the `w`-th earlier
+    observation published by the current one's own publication date."""
+    cfg = FeatureConfig()
+    w, limit = cfg.macro_change_window, cfg.macro_max_staleness_days
+    days = [datetime(2020, 1, 1).date() + timedelta(days=i) for i in range(70)]
+    observed = [d for d in days if d.weekday() < 5][:40]
+    published = {d: d + timedelta(days=1) for d in observed}
+    published[observed[12]] += timedelta(days=12)  # first released late, mid-week
+    published[observed[20]] = observed[26] + timedelta(days=2)  # late, alone on its day
+    for d in observed[30:35]:  # a weekly batch
+        published[d] = observed[35]
+    published[observed[37]] = observed[-1] + timedelta(days=25)  # released after a gap
+    macro = pl.DataFrame(
+        {
+            "series": "X",
+            "date": observed,
+            "value": [float((i * 7) % 11 + i) for i in range(len(observed))],
+            "published": [published[d] for d in observed],
+        }
+    )
+    bars = (
+        make_source("ohlcv", "synthetic", symbols=("BTC-USD",))
+        .fetch(datetime(2020, 1, 1), datetime(2020, 4, 1))
+        .filter(pl.col("ts").dt.date().is_in(days))
+    )
+    got = compute_features(bars, synthetic_onchain, macro, cfg).with_columns(
+        day=pl.col("ts").dt.date()
+    )
+    value = dict(zip(observed, macro["value"], strict=True))
+    checked_late = 0
+    for row in got.iter_rows(named=True):
+        t = row["day"]
+        known = [d for d in observed if published[d] <= t]
+        current = max(known) if known else None
+        if current is None or (t - published[current]).days > limit:
+            assert (row["X"], row["X_chg_5"], row["X_age_days"]) == (None, None, None), t
+            continue
+        earlier = sorted(d for d in observed if d < current and published[d] <= published[current])
+        change = value[current] - value[earlier[-w]] if len(earlier) >= w else None
+        assert row["X"] == value[current], t
+        assert row["X_chg_5"] == change, t
+        assert row["X_age_days"] == (t - published[current]).days, t
+        i = observed.index(current)  # rows where the w observations before it were not all public
+        checked_late += any(published[d] > published[current] for d in observed[max(0, i - w) : i])
+    assert got.height == len(days)
+    assert checked_late >= 5  # rows whose plain-shift change would read a later release
+    # before features code 5, a late observation entered newer changes and became current again
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as mp:
+        mp.setattr(ml_features, "_change_as_published", _plain_shift_change)
+        old = compute_features(bars, synthetic_onchain, macro, cfg)
+    assert not old["X_chg_5"].equals(got["X_chg_5"])
 
 
 def test_default_cuts_fall_on_publication_weekdays_and_the_last_day(raw):

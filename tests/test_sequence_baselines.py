@@ -211,29 +211,54 @@ def test_config_errors_name_the_bad_field() -> None:
         small_model("gru")(torch.randn(1, 4, N_FEATURES), [None])
 
 
+def learnable_sequences(lanes: int, steps: int, g: torch.Generator) -> Sequences:
+    """Random inputs whose targets are functions of the bar's own inputs: direction is the
+    sign class of s = x0 - x1 (down below -0.5, flat within, up above +0.5; about 36/28/36%),
+    so a model that reads its inputs beats every constant forecast of the classes."""
+    x = torch.randn(lanes, steps, N_FEATURES, generator=g)
+    signal = x[..., 0] - x[..., 1]
+    direction = (signal > 0.5).long() - (signal < -0.5).long() + 1
+    returns = 0.1 * torch.stack([signal, x[..., 0] + x[..., 2]], -1)
+    return Sequences(
+        x,
+        {
+            "returns": returns,
+            "direction": direction,
+            "quantiles": returns[..., 0],
+            "sigma": returns[..., 1].abs() + 0.01,
+        },
+    )
+
+
+def class_entropy(labels: torch.Tensor) -> float:
+    """The log loss of the best constant forecast of `labels`: their classes' frequencies."""
+    p = torch.bincount(labels.flatten()).double() / labels.numel()
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_tiny_baseline_trains_with_the_tbptt_trainer(kind: str) -> None:
+def test_tiny_baseline_learns_a_planted_signal_with_the_tbptt_trainer(kind: str) -> None:
+    """40 TBPTT steps (10 epochs of 4 chunks) cut the held-out direction log loss to below
+    0.8 x the untrained model's and 0.85 x the best constant forecast's (the class
+    frequencies), which no model blind to its inputs can reach (one reaches ~1.0 x). Over 38
+    other data and initialisation seeds per kind the ratios were at most 0.59 (to the
+    untrained model) and 0.74 (to the constant forecast, s4d); at this test's seeds 0.18-0.40
+    and 0.17-0.43."""
     g = torch.Generator().manual_seed(1)
-
-    def random_sequences(lanes: int, steps: int) -> Sequences:
-        x = torch.randn(lanes, steps, N_FEATURES, generator=g)
-        returns = 0.1 * torch.randn(lanes, steps, 2, generator=g)
-        return Sequences(
-            x,
-            {
-                "returns": returns,
-                "direction": torch.randint(0, 3, (lanes, steps), generator=g),
-                "quantiles": returns[..., 0],
-                "sigma": returns[..., 1].abs() + 0.01,
-            },
-        )
-
+    train, val = learnable_sequences(8, 64, g), learnable_sequences(4, 32, g)
     model = small_model(kind).train()
-    cfg = TrainConfig(tbptt_len=16, epochs=2, lr=3e-3, warmup_steps=1, progress=False)
-    result = Trainer(
-        model, MultiTaskLoss(), random_sequences(2, 64), random_sequences(1, 32), cfg
-    ).fit(resume=False)
-    assert result.steps == 8 and result.skipped_steps == 0
+    cfg = TrainConfig(tbptt_len=16, epochs=10, lr=1e-2, warmup_steps=1, progress=False)
+    trainer = Trainer(model, MultiTaskLoss(), train, val, cfg)
+    untrained = trainer.evaluate_tasks(val)["direction"]
+    result = trainer.fit(resume=False)
+    assert result.steps == 40 and result.skipped_steps == 0
     assert all(
         math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in result.history
     )
+    trained = trainer.evaluate_tasks(val)["direction"]
+    assert trained == pytest.approx(result.best_val_loss)  # the best epoch's weights are kept
+    assert trained < 0.8 * untrained, (trained, untrained)
+    constant = class_entropy(val.targets["direction"])
+    assert trained < 0.85 * constant, (trained, constant)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]

@@ -321,14 +321,17 @@ def test_hourly_bars_resample_to_daily_bars_by_an_independent_aggregation(wareho
     # hour (high == low) and an hour missing from one day included
     start, days = datetime(2021, 3, 1), 20
     source = make_source("ohlcv", "synthetic", timeframe="1h", symbols=["BTC-USD", "ACME"])
-    bars = source.fetch(start, start + timedelta(days=days))
-    flat = datetime(2021, 3, 4, 7)
-    bars = bars.with_columns(
+    full = source.fetch(start, start + timedelta(days=days))
+    flat = datetime(2021, 3, 4, 7)  # BTC-USD trades around the clock; ACME not at 07:00
+    missing = datetime(2021, 3, 9, 15, 30)  # ACME's hourly bars open at 14:30 ... 20:30 UTC
+    bars = full.with_columns(
         [
             pl.when(pl.col("ts") == flat).then(pl.col("close")).otherwise(pl.col(c)).alias(c)
             for c in ("open", "high", "low")
         ]
-    ).filter(~((pl.col("symbol") == "ACME") & (pl.col("ts") == datetime(2021, 3, 9, 13))))
+    ).filter(~((pl.col("symbol") == "ACME") & (pl.col("ts") == missing)))
+    assert full.height - bars.height == 1  # the hour is one of ACME's, and it is gone
+    assert bars.filter(pl.col("high") == pl.col("low"))["ts"].to_list() == [flat]
     warehouse.replace_bars("1h", bars, start, start + timedelta(days=days), source.entities)
     expected: dict[tuple[str, datetime], dict] = {}
     for row in bars.sort("symbol", "ts").iter_rows(named=True):
