@@ -13,6 +13,7 @@ import pytest
 
 from ml.evaluation import evaluate, metric_table
 from ml.forecasters import TargetSpec
+from ml.metrics import direction_report
 from ml.report import (
     MCS_MARK,
     add_drawdown,
@@ -149,6 +150,51 @@ def long(market) -> pl.DataFrame:
 @pytest.fixture(scope="module")
 def results(market) -> dict:
     return evaluate(make_predictions(market), market, TARGETS, n_boot=50, mcs_reps=50)
+
+
+def test_every_forecaster_of_a_target_is_scored_on_the_same_rows(market):
+    """Rows where one forecaster has no finite prediction, or the label is missing, are left
+    out for every forecaster of the target: each metric equals its report recomputed by hand on
+    exactly the common rows (a forecaster scored on its own rows would differ)."""
+    preds = make_predictions(market)
+    first = market.filter(pl.col("symbol") == SYMBOLS[0])["ts"]
+    no_lgbm, nan_clim, no_label = first[10:40], first[60:80], first[100:105]
+    mine = (pl.col("symbol") == SYMBOLS[0]) & pl.col("seed").is_null()
+    preds = preds.with_columns(
+        p_up=pl.when(mine & (pl.col("forecaster") == "lightgbm") & pl.col("ts").is_in(no_lgbm))
+        .then(None)
+        .otherwise("p_up"),
+        p_down=pl.when(
+            mine & (pl.col("forecaster") == "climatology") & pl.col("ts").is_in(nan_clim)
+        )
+        .then(float("nan"))
+        .otherwise("p_down"),
+    )
+    labels = market.with_columns(
+        pl.when((pl.col("symbol") == SYMBOLS[0]) & pl.col("ts").is_in(no_label))
+        .then(None)
+        .otherwise(pl.col(TARGETS.direction))
+        .alias(TARGETS.direction)
+    )
+    got = evaluate(preds, labels, TARGETS, n_boot=20, mcs_reps=20)["targets"]
+    d = got[f"direction_{TARGETS.direction_horizon}"]
+    left_out = pl.col("ts").is_in(pl.concat([no_lgbm, nan_clim, no_label])) & (
+        pl.col("symbol") == "AAA"
+    )
+    common = labels.filter(~left_out).select("symbol", "ts", TARGETS.direction)
+    assert d["rows"] == common.height == market.height - 55
+    assert d["rows_without_prediction"] == {"lightgbm": 30, "climatology": 20}
+    single = preds.filter(pl.col("seed").is_null())
+    for name in ("mamba2", "lightgbm", "climatology", "ensemble"):
+        rows = common.join(
+            single.filter(pl.col("forecaster") == name), on=["symbol", "ts"], how="left"
+        )
+        p = rows.select("p_down", "p_flat", "p_up").to_numpy()
+        want = direction_report(rows[TARGETS.direction].to_numpy(), p)
+        assert d["metrics"][name] == pytest.approx({**want, "loss": want["log_loss"]}), name
+    # the sigma target has none of those gaps: all of its rows are scored
+    assert got[f"sigma_{TARGETS.sigma_window}"]["rows"] == market.height
+    assert got[f"sigma_{TARGETS.sigma_window}"]["rows_without_prediction"] == {}
 
 
 def equity_paths() -> pl.DataFrame:

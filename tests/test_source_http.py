@@ -122,6 +122,36 @@ def test_refused_connection_is_retried_then_fails_without_leaking_the_key(caplog
     assert "retry 1/1" in caplog.text
 
 
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_retried_status_logs_and_fails_with_the_key_masked(
+    http_server: ReplayServer, caplog, status: int
+):
+    """The 429/5xx retry path (issue 15, finding 6): every retry warning and the final error
+    show the URL with the key masked, even when the error body echoes the key."""
+    body = b'{"error": "too many requests for api_key=SECRET123"}'
+    http_server.route("/x", Reply(status, body))
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(SourceFetchError) as err:
+        get_with_retries(
+            f"{http_server.url}/x",
+            {"assets": "btc", "api_key": "SECRET123"},
+            source="demo",
+            what=WHAT,
+            policy=RetryPolicy(attempts=3, base_delay_s=0.0),
+            sleep=Sleeps(),
+        )
+    assert http_server.count("/x") == 3
+    assert http_server.requests[0].query["api_key"] == "SECRET123"  # the server got the key
+    warnings = [r.getMessage() for r in caplog.records if r.name == "mambacast.sources"]
+    assert [w.split("; ")[-1] for w in warnings] == ["retry 1/2 in 0.0 s", "retry 2/2 in 0.0 s"]
+    assert all(f"HTTP {status}" in w and "/x?assets=btc&api_key=***" in w for w in warnings)
+    # urllib3 logs each request line at DEBUG, query included: masked there too
+    requests_logged = [r.getMessage() for r in caplog.records if r.name.startswith("urllib3")]
+    assert sum("GET /x?assets=btc&api_key=*** " in m for m in requests_logged) == 3
+    assert f"HTTP {status}" in str(err.value) and "/x?assets=btc&api_key=***" in str(err.value)
+    assert "SECRET123" not in caplog.text and "SECRET123" not in chain_text(err.value)
+
+
 def test_a_given_session_is_used_and_left_open(http_server: ReplayServer):
     http_server.route("/x", Reply(200, b"{}"))
     with requests.Session() as session:

@@ -8,6 +8,7 @@ strings (`api_key=...` and similar) are masked in every message and log line.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -45,6 +46,27 @@ def redact(text: str, secrets: tuple[str | None, ...] = ()) -> str:
         if secret:
             out = out.replace(secret, "***")
     return out
+
+
+class _RedactSecrets(logging.Filter):
+    """Masks secret query values in a record: urllib3 logs every request line, key included,
+    at DEBUG (`"GET /v4/...?api_key=... HTTP/1.1" 200`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = redact(message)
+        if masked != message:
+            record.msg, record.args = masked, ()
+        return True
+
+
+def _mask_urllib3_request_lines() -> None:
+    pool = logging.getLogger("urllib3.connectionpool")
+    if not any(type(f).__name__ == _RedactSecrets.__name__ for f in pool.filters):
+        pool.addFilter(_RedactSecrets())
+
+
+_mask_urllib3_request_lines()
 
 
 def display_url(url: str, params: Mapping[str, Any] | None = None) -> str:
