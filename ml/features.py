@@ -36,7 +36,7 @@ from ml.indicators import (
 
 # 3: hour of day counts seconds; 4: macro columns follow the series present, ages, on-chain carry;
 # 5: a macro change uses only observations public when its newest one was, an observation
-# published after a newer one never becomes the series' current value, %B of a flat window is 1
+# published after a newer one never becomes the series' current value, %B of a flat window is 0.5
 FEATURES_CODE_VERSION = "5"
 # the default macro series, in the order of their columns; other series present follow, sorted
 MACRO_SERIES = ("DTWEXBGS", "DGS10", "DGS2", "T10Y2Y")
@@ -61,7 +61,7 @@ class FeatureConfig:
     range_window: int = 20
     volume_z_window: int = 90
     activity_growth_days: int = 30
-    macro_change_window: int = 5  # business days
+    macro_change_window: int = 5  # observations (business days for the daily H.15 rates)
     # carry limits, in calendar days since publication: an older value is treated as missing
     macro_max_staleness_days: int = 10
     # day d's totals are published at the end of d; a source lagging the price by up to this
@@ -280,7 +280,8 @@ def compute_features(
         (daily; bar d of BTC-* symbols gets day d-1's row, since a day's on-chain totals are
         known only when the day ends). May be empty.
         A row is carried to later bars for up to `onchain_max_staleness_days` more days.
-    macro: series, date, value, published (joined as of `published` <= bar date, carried for
+    macro: series, date, value, published (joined as of `published` <= bar date for daily
+        bars, <= the day before for intraday bars that close before the day ends; carried for
         up to `macro_max_staleness_days`). May be empty. Every series with a value here gets
         its columns (`macro_series_of`), so the features follow what was ingested.
 
@@ -295,14 +296,24 @@ def compute_features(
             f"Macro series {clash} have the name of a bar or feature column; rename them in "
             "the macro table (e.g. with a prefix) so their columns do not collide"
         )
-    days = ohlcv.lazy().select(pl.col("ts").dt.date().unique().alias("date"))
+    # a bar's date, and the day before it: the newest publication day an intraday bar may use
+    days = ohlcv.lazy().select(
+        pl.concat([pl.col("ts").dt.date(), pl.col("ts").dt.date() - timedelta(days=1)])
+        .unique()
+        .alias("date")
+    )
     daily = _by_day(days, macro, series, cfg).collect()
+    calendar = daily.select("date", *[c for c in CALENDAR_COLUMNS if c in daily.columns])
+    macro_daily = daily.drop(*calendar.columns[1:]).rename({"date": "_macro_date"})
     bar_days = ohlcv.select("symbol", pl.col("ts").dt.date().alias("date")).unique()
     daily_onchain = _onchain_by_day(onchain, bar_days, cfg)
 
     def build(bars: pl.LazyFrame) -> pl.LazyFrame:
-        lf = _price_features(bars, cfg).with_columns(*_hour_of_day(), date=pl.col("ts").dt.date())
-        lf = lf.join(daily.lazy(), on="date", how="left", maintain_order="left")
+        lf = _price_features(bars, cfg).with_columns(
+            *_hour_of_day(), date=pl.col("ts").dt.date(), _macro_date=_macro_date()
+        )
+        lf = lf.join(calendar.lazy(), on="date", how="left", maintain_order="left")
+        lf = lf.join(macro_daily.lazy(), on="_macro_date", how="left", maintain_order="left")
         lf = lf.join(daily_onchain.lazy(), on=["symbol", "date"], how="left", maintain_order="left")
         return lf.select(*ohlcv.columns, *names)
 
@@ -429,6 +440,19 @@ def _range_position(window: int) -> pl.Expr:
     return (pl.col("close") - lowest) / (highest - lowest)
 
 
+def _macro_date() -> pl.Expr:
+    """Per bar of one symbol: the newest publication day whose macro values the bar may use.
+    `published` is a day, and a value may come out at any time of it (H.10 at 4:15 pm ET), so
+    it is known only to bars that close at or after the end of that day: a daily bar on its own
+    date, an hourly bar only from the day's last hour (23:00-24:00) on, the other hours of the
+    day use the day before's publications. A bar's length is the shortest step between the
+    symbol's bars, at most a day (a day for a symbol of one bar)."""
+    day = timedelta(days=1)
+    step = pl.col("ts").diff().filter(pl.col("ts").diff() > timedelta(0)).min()
+    step = pl.min_horizontal(step.fill_null(day), pl.lit(day))
+    return (pl.col("ts") + step - day).dt.date()
+
+
 def _hour_of_day() -> list[pl.Expr]:
     """Hour of day with minutes on the circle (constant on daily bars), per bar."""
     # seconds into the (UTC) day from the epoch: several times faster than hour() + minute()
@@ -461,7 +485,8 @@ def _by_day(
     w = cfg.macro_change_window
     lf = days.sort("date").with_columns(_calendar(pl.col("date")))
     for name in series:
-        one = macro.filter(pl.col("series") == name).sort("date")
+        # a missing value is no observation: it neither becomes current nor enters a change
+        one = macro.filter((pl.col("series") == name) & pl.col("value").is_not_null()).sort("date")
         s = (
             one.lazy()
             .with_columns(_change_as_published(one, w).alias(f"{name}_chg_{w}"))
@@ -472,8 +497,8 @@ def _by_day(
                 pl.col("value").alias(name),
                 f"{name}_chg_{w}",
             )
-            # several observations published on one day (a weekly release): the as-of join
-            # takes the last row of a day, which must be the newest observation
+            # publication order, observations of one day (a weekly release) oldest first, so
+            # that the filter below keeps each day's newest for the as-of join
             .sort(["date", "_observed"])
             # an observation first published after a newer one (a value first released as
             # missing and filled in later, or a file's own `published`) is history for later

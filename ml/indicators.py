@@ -87,10 +87,12 @@ def bbands_from(
     suffix = f"{length}_{float(std)}"
     lower, upper = middle - std * sd, middle + std * sd
     width = _non_zero(upper - lower)
-    # a flat window (population std exactly 0) has the close on both bands: pandas-ta's
-    # zero-width branch, %B = eps / eps = 1. The SMA's rounding residual (an ulp of the price)
-    # must not be divided by eps: it gave %B = +-2048 and more on flat runs of bars
-    position = pl.when(sd == 0.0).then(1.0).otherwise(_non_zero(close - lower) / width)
+    # a flat window (population std exactly 0): the close sits on the middle band of a
+    # zero-width band, %B = 0.5, what pandas-ta gives where numpy's variance keeps an ulp of
+    # residual (where it is exactly 0, pandas-ta's eps / eps gives 1; either is a convention).
+    # The SMA's rounding residual (an ulp of the price) must not be divided by eps: that gave
+    # %B = +-2048 and more on flat runs of bars
+    position = pl.when(sd == 0.0).then(0.5).otherwise(_non_zero(close - lower) / width)
     return {
         f"BBL_{suffix}": lower,
         f"BBM_{suffix}": middle,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
 from typing import Any
 
 import polars as pl
@@ -46,7 +46,14 @@ def truncate_raw(
     ohlcv: pl.DataFrame, onchain: pl.DataFrame, macro: pl.DataFrame, cut: datetime
 ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """The raw data as it was known before `cut`: bars opened before it, on-chain days complete
-    a day before it (day d's totals are used from bar d+1 on), macro values published before it."""
+    a day before it (day d's totals are used from bar d+1 on), macro values published before it.
+    `cut` is a midnight: the on-chain and macro tables are by day."""
+    if cut.time() != time(0):
+        raise ValueError(
+            f"Truncation cut {cut} is inside a day: the on-chain and macro tables are by day, so "
+            "what was known before a time of day cannot be told; cut at midnight "
+            f"({cut:%Y-%m-%d} 00:00)"
+        )
     day = cut.date()
     return (
         ohlcv.filter(pl.col("ts") < cut),

@@ -101,10 +101,10 @@ def _assert_matches_with_zero_ranges(got, ref, warm_up, bars, name) -> None:
     Ours is null in the warm-up (the leading values pandas-ta has no value for on ordinary
     bars) and nowhere after it; an undefined value after the warm-up (0 / 0: RSI over a flat
     seed, the range position of a flat window) is NaN where pandas-ta has NaN, infinities are
-    where pandas-ta has them. %B of a flat window (zero-width bands) is pandas-ta's zero-range
-    branch, eps / eps = 1: pandas-ta itself gives 1 where numpy's rolling variance is exactly 0
-    and 0.5 where it leaves a rounding residual (an ulp-sized standard deviation, the close
-    then sits halfway between bands an ulp apart). The bandwidth of such bands is 0 up to that
+    where pandas-ta has them. %B of a flat window (zero-width bands) is 0.5, the close on the
+    middle band: pandas-ta gives 0.5 where numpy's rolling variance leaves a rounding residual
+    (an ulp-sized standard deviation, the close then sits halfway between bands an ulp apart)
+    and 1 (its zero-range branch, eps / eps) where that variance is exactly 0. The bandwidth of such bands is 0 up to that
     residual (1e-13 percent), hence an atol for BBB.
     """
     ref = np.asarray(ref, dtype=float)
@@ -117,7 +117,7 @@ def _assert_matches_with_zero_ranges(got, ref, warm_up, bars, name) -> None:
     compared = np.isfinite(ref)
     if name.startswith("BBP"):
         flat = _flat_windows(bars)
-        assert (values[flat] == 1.0).all(), f"{name} of a flat window: {set(values[flat])}"
+        assert (values[flat] == 0.5).all(), f"{name} of a flat window: {set(values[flat])}"
         assert np.isin(ref[flat], (0.5, 1.0)).all(), f"pandas-ta {name}: {set(ref[flat])}"
         compared &= ~flat
     atol = 0.0
@@ -181,7 +181,7 @@ def test_indicators_match_pandas_ta_classic_on_bars_with_high_equal_to_low(
     assert ours["ATRr_14"][14:FLAT_START].to_numpy() == pytest.approx(eps)  # true range eps
     bbp = reference["BBP_20_2.0"].to_numpy()
     assert (bbp[169:180] == 1.0).all() and (bbp[269:280] == 0.5).all()  # pandas-ta's two
-    assert (ours["BBP_20_2.0"].to_numpy()[[*range(169, 180), *range(269, 280)]] == 1.0).all()
+    assert (ours["BBP_20_2.0"].to_numpy()[[*range(169, 180), *range(269, 280)]] == 0.5).all()
     flat = _flat_windows(bars)
     assert flat.sum() == (FLAT_START - 19) + 11 + 11
     assert np.array_equal(

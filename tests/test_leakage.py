@@ -1,9 +1,10 @@
 """Leakage checks: each planted leak fails its check; the clean pipeline passes them all."""
 
 import shutil
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 import dagster as dg
+import numpy as np
 import polars as pl
 import pytest
 
@@ -24,6 +25,7 @@ from ml.leakage import (
     check_split_hygiene,
     check_truncation_invariance,
     default_cuts,
+    truncate_raw,
 )
 from ml.walkforward import WalkForwardConfig, assign_fold, fold_for_key
 from pipelines.defs.resources import default_resources
@@ -189,60 +191,138 @@ def test_a_macro_change_over_a_late_released_observation_is_a_macro_late_release
     assert min(offending_days) > datetime(2019, 6, 3).date()
 
 
-def test_macro_values_and_changes_use_only_observations_public_at_the_time(synthetic_onchain):
-    """Against a brute force over each bar date: the current value is the newest observation
-    published by then (within the staleness limit); its change is against the `w`-th earlier
-    observation published by the current one's own publication date."""
-    cfg = FeatureConfig()
-    w, limit = cfg.macro_change_window, cfg.macro_max_staleness_days
-    days = [datetime(2020, 1, 1).date() + timedelta(days=i) for i in range(70)]
-    observed = [d for d in days if d.weekday() < 5][:40]
-    published = {d: d + timedelta(days=1) for d in observed}
-    published[observed[12]] += timedelta(days=12)  # first released late, mid-week
-    published[observed[20]] = observed[26] + timedelta(days=2)  # late, alone on its day
-    for d in observed[30:35]:  # a weekly batch
-        published[d] = observed[35]
-    published[observed[37]] = observed[-1] + timedelta(days=25)  # released after a gap
-    macro = pl.DataFrame(
-        {
-            "series": "X",
-            "date": observed,
-            "value": [float((i * 7) % 11 + i) for i in range(len(observed))],
-            "published": [published[d] for d in observed],
-        }
-    )
-    bars = (
+def _macro_oracle(obs: dict, t, w: int, limit: int):
+    """Brute force over one series {observed: (published, value)} at publication day t: the
+    newest observation published by t (None past the staleness limit), its value, its change
+    against the `w`-th earlier observation published by its own publication day, and its age."""
+    known = [d for d, (pub, _) in obs.items() if pub <= t]
+    if not known:
+        return None, None, None
+    current = max(known)
+    pub, value = obs[current]
+    if (t - pub).days > limit:
+        return None, None, None
+    earlier = sorted(d for d, (p, _) in obs.items() if d < current and p <= pub)
+    change = value - obs[earlier[-w]][1] if len(earlier) >= w else None
+    return value, change, (t - pub).days
+
+
+def _bars(days) -> pl.DataFrame:
+    return (
         make_source("ohlcv", "synthetic", symbols=("BTC-USD",))
-        .fetch(datetime(2020, 1, 1), datetime(2020, 4, 1))
+        .fetch(
+            datetime.combine(min(days), datetime.min.time()),
+            datetime.combine(max(days), datetime.min.time()) + timedelta(days=1),
+        )
         .filter(pl.col("ts").dt.date().is_in(days))
     )
+
+
+def test_macro_values_and_changes_use_only_observations_public_at_the_time(synthetic_onchain):
+    """Against the brute force on every bar date, for hand-made late releases and for seeded
+    random publication patterns over three series: releases a day late, weekly batches whose
+    predecessor comes later, same-day ties, missing values, short series. Then the same rows
+    cut at every publication day equal the full-data rows (truncation invariance)."""
+    cfg = FeatureConfig()
+    w, limit = cfg.macro_change_window, cfg.macro_max_staleness_days
+    days = [date(2020, 1, 1) + timedelta(days=i) for i in range(70)]
+    observed = [d for d in days if d.weekday() < 5][:40]
+    hand = {d: d + timedelta(days=1) for d in observed}
+    hand[observed[12]] += timedelta(days=12)  # first released late, mid-week
+    hand[observed[20]] = observed[26] + timedelta(days=2)  # late, on the day of a newer one
+    for d in observed[30:35]:  # a weekly batch
+        hand[d] = observed[35]
+    hand[observed[37]] = observed[-1] + timedelta(days=13)  # late, after the series went stale
+    rng = np.random.default_rng(15)
+    patterns = {"X": hand}
+    for name, n in (("A", 45), ("B", 30), ("C", 4)):
+        pub = {}
+        for i, d in enumerate(observed[:n]):
+            lag = int(rng.choice([1, 1, 1, 2, 3, 8, 20], p=[0.4, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05]))
+            pub[d] = d + timedelta(days=lag)
+            if i % 9 == 4:  # a batch published with its successor
+                pub[d] = max(pub[d], d + timedelta(days=5))
+        patterns[name] = pub
+    rows = []
+    for name, pub in patterns.items():
+        for i, d in enumerate(sorted(pub)):
+            value = None if name == "A" and i % 11 == 3 else float((i * 7) % 11 + i)
+            rows.append((name, d, value, pub[d]))
+    macro = pl.DataFrame(
+        rows, schema=["series", "date", "value", "published"], orient="row"
+    ).sample(fraction=1.0, shuffle=True, seed=3)  # no row order to rely on
+    bars = _bars(days)
     got = compute_features(bars, synthetic_onchain, macro, cfg).with_columns(
         day=pl.col("ts").dt.date()
     )
-    value = dict(zip(observed, macro["value"], strict=True))
-    checked_late = 0
-    for row in got.iter_rows(named=True):
-        t = row["day"]
-        known = [d for d in observed if published[d] <= t]
-        current = max(known) if known else None
-        if current is None or (t - published[current]).days > limit:
-            assert (row["X"], row["X_chg_5"], row["X_age_days"]) == (None, None, None), t
-            continue
-        earlier = sorted(d for d in observed if d < current and published[d] <= published[current])
-        change = value[current] - value[earlier[-w]] if len(earlier) >= w else None
-        assert row["X"] == value[current], t
-        assert row["X_chg_5"] == change, t
-        assert row["X_age_days"] == (t - published[current]).days, t
-        i = observed.index(current)  # rows where the w observations before it were not all public
-        checked_late += any(published[d] > published[current] for d in observed[max(0, i - w) : i])
     assert got.height == len(days)
-    assert checked_late >= 5  # rows whose plain-shift change would read a later release
-    # before features code 5, a late observation entered newer changes and became current again
-    monkeypatch = pytest.MonkeyPatch()
-    with monkeypatch.context() as mp:
+    late = 0
+    for name in patterns:
+        obs = {d: (p, v) for n, d, v, p in rows if n == name and v is not None}
+        order = sorted(obs)
+        for row in got.iter_rows(named=True):
+            t = row["day"]
+            want = _macro_oracle(obs, t, w, limit)
+            assert (row[name], row[f"{name}_chg_{w}"], row[f"{name}_age_days"]) == want, (name, t)
+            if want[0] is not None:  # a plain shift over observation dates would read later
+                current = max(d for d in obs if obs[d][0] <= t)
+                i = order.index(current)
+                late += any(obs[d][0] > obs[current][0] for d in order[max(0, i - w) : i])
+    assert late >= 20
+    # a late observation published after the series went stale does not revive it
+    stale = got.filter(pl.col("day") == observed[-1] + timedelta(days=13))
+    assert stale["X"].to_list() == [None]
+    cuts = sorted({p for pub in patterns.values() for p in pub.values() if p <= days[-1]})
+    report = check_truncation_invariance(
+        bars,
+        synthetic_onchain,
+        macro,
+        COMPUTE_FEATURES,
+        [c for c in got.columns if c.split("_")[0] in patterns],
+        cuts=[datetime.combine(c, datetime.min.time()) for c in cuts],
+    )
+    assert report.passed, report.summary()
+    # before features code 5, a late observation entered newer changes
+    with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ml_features, "_change_as_published", _plain_shift_change)
         old = compute_features(bars, synthetic_onchain, macro, cfg)
     assert not old["X_chg_5"].equals(got["X_chg_5"])
+
+
+def test_an_intraday_bar_sees_a_days_macro_release_only_from_the_days_last_bar(
+    synthetic_onchain,
+):
+    """`published` is a day and a release comes out during it (H.10 at 4:15 pm ET): hourly
+    bars of that day before its last hour use the day before's values; the daily bar of the
+    day and the hourly bar closing at its end see it."""
+    observed = [date(2020, 1, 6) + timedelta(days=i) for i in range(8)]
+    macro = pl.DataFrame(
+        {"series": "X", "date": observed, "value": [float(i) for i in range(8)]}
+    ).with_columns(published=pl.col("date") + timedelta(days=1))
+    start = datetime(2020, 1, 8)
+    hourly = make_source("ohlcv", "synthetic", symbols=("BTC-USD",), timeframe="1h").fetch(
+        start, start + timedelta(days=3)
+    )
+    got = compute_features(hourly, synthetic_onchain, macro)
+    by_ts = dict(zip(got["ts"], got["X"], strict=True))
+    # 9 January publishes 8 January's value (2.0): hours 0-22 of the 9th still see 1.0
+    assert [by_ts[datetime(2020, 1, 9, h)] for h in (0, 12, 22)] == [1.0, 1.0, 1.0]
+    assert by_ts[datetime(2020, 1, 9, 23)] == 2.0  # closes at the end of the 9th
+    assert by_ts[datetime(2020, 1, 10, 5)] == 2.0
+    age = dict(zip(got["ts"], got["X_age_days"], strict=True))
+    assert age[datetime(2020, 1, 9, 12)] == 0 and age[datetime(2020, 1, 9, 23)] == 0
+    daily = make_source("ohlcv", "synthetic", symbols=("BTC-USD",)).fetch(
+        start, start + timedelta(days=3)
+    )
+    day = compute_features(daily, synthetic_onchain, macro)
+    assert dict(zip(day["ts"], day["X"], strict=True))[datetime(2020, 1, 9)] == 2.0
+
+
+def test_a_cut_inside_a_day_is_refused_naming_the_midnight_to_use(raw):
+    with pytest.raises(ValueError, match=r"inside a day.*cut at midnight \(2019-06-12 00:00\)"):
+        check_truncation_invariance(*raw, COMPUTE_FEATURES, COLS, cuts=[datetime(2019, 6, 12, 12)])
+    with pytest.raises(ValueError, match="inside a day"):
+        truncate_raw(*raw, datetime(2019, 6, 12, 0, 0, 1))
 
 
 def test_default_cuts_fall_on_publication_weekdays_and_the_last_day(raw):
