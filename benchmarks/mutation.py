@@ -5,6 +5,8 @@ functions, each mutant run against only the tests that called the mutated functi
     python benchmarks/mutation.py                  # every module, one worker
     python benchmarks/mutation.py lake leakage     # some modules (the others keep their last figures)
     python benchmarks/mutation.py --max-children 2 # both cores (a machine of its own)
+    python benchmarks/mutation.py --survivors      # re-run only the last run's survivors and
+                                                   # skipped mutants against today's tests
 
 mutmut's configuration is [tool.mutmut] in pyproject.toml; survivors explained as equivalent or
 benign are in benchmarks/mutation.toml. Writes benchmarks/results/mutation.{json,md}: per module
@@ -102,11 +104,16 @@ def _mutmut_run(key: str, max_children: int) -> int:
     mc._config = dataclasses.replace(
         mc.config(), pytest_add_cli_args_test_selection=_selection(key)
     )
+    names = os.environ.get(_NAMES_ENV, "").split()
     try:
-        _run(MODULES[key][1], max_children)
+        _run(names or MODULES[key][1], max_children)
     except SystemExit as e:
         return int(e.code or 0)
     return 0
+
+
+# `--survivors`: the mutant names the module's run re-runs, whitespace-separated
+_NAMES_ENV = "MAMBACAST_MUTANTS"
 
 
 # mutmut exit codes (mutmut.stats.status_by_exit_code) folded into the summary's columns
@@ -153,11 +160,27 @@ def _function_of(mutant: str) -> str:
     return last.rsplit(".", 1)[1][2:]  # drop the "x_" prefix
 
 
+def _diff(mutant: str, source: Path) -> str:
+    """mutmut's diff of one mutant: in this process (a `mutmut show` per survivor cost a
+    second each), else through the command line."""
+    try:
+        from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+        cwd = Path.cwd()
+        os.chdir(ROOT)
+        try:
+            return get_diff_for_mutant(mutant, path=source)
+        finally:
+            os.chdir(cwd)
+    except Exception:  # another mutmut layout: its command line
+        return subprocess.run(
+            [str(MUTMUT), "show", mutant], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout
+
+
 def _describe(mutant: str, source: Path, def_lines: dict[str, int]) -> dict:
     """file:line and the changed line(s) of one mutant, from `mutmut show`."""
-    diff = subprocess.run(
-        [str(MUTMUT), "show", mutant], cwd=ROOT, capture_output=True, text=True, check=False
-    ).stdout
+    diff = _diff(mutant, source)
     removed, added, offset, pos = [], [], None, 0
     for line in diff.splitlines():
         if line.startswith(("---", "+++", "#")):
@@ -189,12 +212,15 @@ def _describe(mutant: str, source: Path, def_lines: dict[str, int]) -> dict:
     }
 
 
-def run_module(key: str, max_children: int) -> dict:
+def run_module(key: str, max_children: int, names: list[str] | None = None) -> dict:
+    """mutmut over one module: every mutant, or only `names` (the others keep their results)."""
     source, globs = MODULES[key]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    env[_NAMES_ENV] = " ".join(names or [])
     digest = hashlib.sha256((ROOT / source).read_bytes()).hexdigest()[:16]
     script = [sys.executable, __file__, "--max-children", str(max_children), "--mutmut-run", key]
-    print(f"== {key}: mutmut run {' '.join(globs)} ({source})", flush=True)
+    what = f"{len(names)} named mutants" if names else " ".join(globs)
+    print(f"== {key}: mutmut run {what} ({source})", flush=True)
     start = time.monotonic()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(["nice", "-n", "19", *script], cwd=ROOT, env=env, check=False)
@@ -301,6 +327,14 @@ def write_summary(results: dict, max_children: int) -> None:
     for key, m in mods.items():
         if m.get("note"):
             lines += [f"{key}: {m['note']}", ""]
+        if r := m.get("survivors_rerun"):
+            lines += [
+                f"{key}: the full run's survivors and skipped mutants ({r['mutants']}) re-run "
+                f"against the tests as they are now (`--survivors`), {r['seconds']} s, "
+                f"{r['run_at']}; the counts above are after that re-run, the seconds the full "
+                "run's.",
+                "",
+            ]
     for key, m in mods.items():
         if not m["survivors"]:
             continue
@@ -328,6 +362,11 @@ def main() -> int:
         action="store_true",
         help="run nothing: rewrite the summary of the modules already run from mutants/",
     )
+    ap.add_argument(
+        "--survivors",
+        action="store_true",
+        help="re-run only the mutants the last run left alive (survived, skipped, suspicious)",
+    )
     ap.add_argument("--mutmut-run", metavar="MODULE", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.mutmut_run:
@@ -354,6 +393,25 @@ def main() -> int:
             old = results["modules"][key]
             new = summarize(key, old["seconds"], old["mutmut_exit_code"], old["run_at"])
             results["modules"][key] = {**old, **new}  # keeps cpu_seconds, tests, note
+        elif args.survivors:
+            old = results["modules"].get(key)
+            if old is None:
+                print(f"== {key}: no earlier run, so no survivors to re-run", flush=True)
+                continue
+            names = [s["mutant"] for s in old["survivors"]]
+            if not names:
+                continue
+            new = run_module(key, args.max_children, names)
+            # the figures of the full run stand; the re-run's time is reported beside them
+            new["survivors_rerun"] = {
+                "mutants": len(names),
+                "seconds": new["seconds"],
+                "cpu_seconds": new["cpu_seconds"],
+                "run_at": new["run_at"],
+            }
+            for k in ("seconds", "cpu_seconds", "run_at", "tests"):
+                new[k] = old.get(k, new[k])
+            results["modules"][key] = new
         else:
             results["modules"][key] = run_module(key, args.max_children)
         results["modules"] = {k: results["modules"][k] for k in MODULES if k in results["modules"]}

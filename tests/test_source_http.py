@@ -172,3 +172,26 @@ def test_redaction_and_retry_after_parsing():
     assert parse_retry_after(None) is None
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
     assert parse_retry_after("soon") is None
+
+
+def test_the_urllib3_request_line_filter_is_installed_once_and_masks_keys(caplog):
+    """`_mask_urllib3_request_lines` (run at import) puts one redacting filter on urllib3's
+    connection-pool logger, however often it runs."""
+    from warehouse.sources import http
+
+    pool = logging.getLogger("urllib3.connectionpool")
+    before = list(pool.filters)
+    try:
+        for f in before:
+            pool.removeFilter(f)
+        http._mask_urllib3_request_lines()
+        http._mask_urllib3_request_lines()
+        assert [type(f).__name__ for f in pool.filters] == ["_RedactSecrets"]
+        caplog.set_level(logging.DEBUG, logger="urllib3.connectionpool")
+        pool.debug('%s "GET /v4/x?assets=btc&api_key=%s HTTP/1.1" 200', "http://h", "SECRET123")
+        assert "SECRET123" not in caplog.text and "assets=btc&api_key=*** HTTP/1.1" in caplog.text
+    finally:
+        for f in list(pool.filters):
+            pool.removeFilter(f)
+        for f in before:
+            pool.addFilter(f)
