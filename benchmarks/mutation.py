@@ -72,9 +72,15 @@ _LEAKAGE_GRAPH_TESTS = (
 MODULE_TESTS: dict[str, list[str]] = {
     "leakage": [
         "tests/test_leakage.py",
+        "tests/test_leakage_guards.py",
         *[a for t in _LEAKAGE_GRAPH_TESTS for a in ("--deselect", f"tests/test_leakage.py::{t}")],
     ],
-    "store": ["tests/test_store.py", "tests/test_kill.py", "tests/test_security.py"],
+    "store": [
+        "tests/test_store.py",
+        "tests/test_store_guards.py",
+        "tests/test_kill.py",
+        "tests/test_security.py",
+    ],
     "lake": ["tests/test_lake.py", "tests/test_atomic_rewrite.py", "tests/test_security.py"],
     "artifacts": [
         "tests/test_artifacts.py",
