@@ -55,17 +55,28 @@ def test_summary_of_a_pass_names_the_rule_and_the_rows_checked():
 
 # --- (a) truncation invariance: the comparison (_mismatches) -------------------------------------
 
-OHLCV = pl.DataFrame(
-    {"symbol": ["X"] * 6, "ts": [d(i) for i in range(1, 7)], "close": [1.0, 2, 3, 4, 5, 6]}
-)
-ONCHAIN = pl.DataFrame({"date": [date(2024, 1, i) for i in range(1, 7)]})
-MACRO = pl.DataFrame({"published": [date(2024, 1, i) for i in range(1, 7)]})
+# frames are built inside the tests, never at import: mutmut's workers fork from a server that
+# collected this module, and a polars thread pool started before a fork hangs the child
+
+
+def _ohlcv() -> pl.DataFrame:
+    return pl.DataFrame(
+        {"symbol": ["X"] * 6, "ts": [d(i) for i in range(1, 7)], "close": [1.0, 2, 3, 4, 5, 6]}
+    )
+
+
+def _onchain() -> pl.DataFrame:
+    return pl.DataFrame({"date": [date(2024, 1, i) for i in range(1, 7)]})
+
+
+def _macro() -> pl.DataFrame:
+    return pl.DataFrame({"published": [date(2024, 1, i) for i in range(1, 7)]})
 
 
 def _against(stored: pl.DataFrame, recomputed: pl.DataFrame, columns, tol=1e-9):
     """The stored snapshot compared with a feature code that returns `recomputed`, no cuts."""
     return check_truncation_invariance(
-        OHLCV, ONCHAIN, MACRO, lambda o, c, m: recomputed, columns, [], tol, stored
+        _ohlcv(), _onchain(), _macro(), lambda o, c, m: recomputed, columns, [], tol, stored
     )
 
 
@@ -160,7 +171,9 @@ STORED_RULE = "truncation_invariance(stored features at t depend only on data kn
 
 def test_a_look_ahead_feature_is_named_at_each_cut_with_its_full_and_truncated_values():
     cuts = [d(4), d(6)]
-    report = check_truncation_invariance(OHLCV, ONCHAIN, MACRO, _next_close, ["f", "g"], cuts)
+    report = check_truncation_invariance(
+        _ohlcv(), _onchain(), _macro(), _next_close, ["f", "g"], cuts
+    )
     assert report.rule == RULE
     assert not report.passed
     assert report.checked == 3 + 5  # the rows before each cut
@@ -181,7 +194,7 @@ def test_a_look_ahead_feature_is_named_at_each_cut_with_its_full_and_truncated_v
 
 
 def test_clean_features_pass_with_the_cuts_and_column_count_in_the_detail():
-    report = check_truncation_invariance(OHLCV, ONCHAIN, MACRO, _clean, ["f", "g"], [d(4)])
+    report = check_truncation_invariance(_ohlcv(), _onchain(), _macro(), _clean, ["f", "g"], [d(4)])
     assert (report.rule, report.passed, report.checked) == (RULE, True, 3)
     assert report.detail == "cuts ['2024-01-04'], 2 columns"
     assert report.offending.is_empty()
@@ -214,18 +227,18 @@ def test_the_columns_that_changed_are_listed_in_order_of_their_first_offending_r
         {"symbol": ["X"] * 12, "ts": [d(i) for i in range(1, 13)], "close": [1.0] * 12}
     )
     compute = _leak_in(SCRAMBLED[::-1])  # the column that leaks earliest last
-    report = check_truncation_invariance(ohlcv, ONCHAIN, MACRO, compute, SCRAMBLED, [d(12)])
+    report = check_truncation_invariance(ohlcv, _onchain(), _macro(), compute, SCRAMBLED, [d(12)])
     assert f"columns that changed at the cuts: {SCRAMBLED};" in report.detail
 
 
 def test_a_snapshot_unlike_the_feature_code_output_is_reported_at_all_the_data_and_the_cuts():
-    full = _clean(OHLCV, None, None)
+    full = _clean(_ohlcv(), None, None)
     stored = full.with_columns(
         g=pl.when(pl.col("ts") == d(2)).then(-1.0).otherwise(pl.col("g")),  # before the cut
         f=pl.when(pl.col("ts") == d(5)).then(-1.0).otherwise(pl.col("f")),  # after it
     )
     report = check_truncation_invariance(
-        OHLCV, ONCHAIN, MACRO, _clean, ["f", "g"], [d(4)], stored=stored
+        _ohlcv(), _onchain(), _macro(), _clean, ["f", "g"], [d(4)], stored=stored
     )
     assert report.rule == STORED_RULE
     assert not report.passed
@@ -255,10 +268,10 @@ def test_a_snapshot_unlike_the_feature_code_output_is_reported_at_all_the_data_a
 
 
 def test_a_snapshot_that_differs_only_after_the_last_cut_names_no_change_at_the_cuts():
-    full = _clean(OHLCV, None, None)
+    full = _clean(_ohlcv(), None, None)
     stored = full.with_columns(f=pl.when(pl.col("ts") == d(5)).then(-1.0).otherwise(pl.col("f")))
     report = check_truncation_invariance(
-        OHLCV, ONCHAIN, MACRO, _clean, ["f", "g"], [d(4)], stored=stored
+        _ohlcv(), _onchain(), _macro(), _clean, ["f", "g"], [d(4)], stored=stored
     )
     assert report.offending.select("ts", "column", "cut").rows() == [(d(5), "f", None)]
     assert "changed at the cuts" not in report.detail
@@ -273,15 +286,15 @@ def test_the_stored_columns_that_differ_are_listed_in_the_order_of_the_model_col
         [(1.0 - pl.col(c)).alias(c) for c in SCRAMBLED]  # every value the opposite
     )
     report = check_truncation_invariance(
-        ohlcv, ONCHAIN, MACRO, _leak_in(SCRAMBLED[::-1]), SCRAMBLED, [], stored=stored
+        ohlcv, _onchain(), _macro(), _leak_in(SCRAMBLED[::-1]), SCRAMBLED, [], stored=stored
     )
     assert f"on all the raw data: {SCRAMBLED};" in report.detail
 
 
 def test_a_clean_snapshot_passes_and_counts_every_stored_row_and_those_before_each_cut():
-    stored = _clean(OHLCV, None, None)
+    stored = _clean(_ohlcv(), None, None)
     report = check_truncation_invariance(
-        OHLCV, ONCHAIN, MACRO, _clean, ["f"], [d(3), d(5)], stored=stored
+        _ohlcv(), _onchain(), _macro(), _clean, ["f"], [d(3), d(5)], stored=stored
     )
     assert (report.rule, report.passed, report.checked) == (STORED_RULE, True, 6 + 2 + 4)
     assert report.detail == (
@@ -292,9 +305,9 @@ def test_a_clean_snapshot_passes_and_counts_every_stored_row_and_those_before_ea
 
 @pytest.mark.parametrize(("stored", "what"), [(False, "features"), (True, "stored features")])
 def test_model_columns_missing_from_the_features_are_the_offending_rows(stored, what):
-    snapshot = _clean(OHLCV, None, None) if stored else None
+    snapshot = _clean(_ohlcv(), None, None) if stored else None
     report = check_truncation_invariance(
-        OHLCV, ONCHAIN, MACRO, _clean, ["f", "nope", "zz"], [d(4)], stored=snapshot
+        _ohlcv(), _onchain(), _macro(), _clean, ["f", "nope", "zz"], [d(4)], stored=snapshot
     )
     assert report.rule == (STORED_RULE if stored else RULE)
     assert (report.passed, report.checked) == (False, 0)
@@ -479,25 +492,28 @@ def _rows(split: bool = False) -> pl.DataFrame:
     return data.with_columns(split=pl.Series([TRAIN, TRAIN, VAL, VAL, TEST])) if split else data
 
 
-IS_TRAIN = pl.Series([True, True, False, False, False])
+def _is_train() -> pl.Series:
+    return pl.Series([True, True, False, False, False])
 
 
 def test_perturb_rows_replaces_the_masked_rows_with_seeded_normal_noise_around_1000():
     data = _rows()
-    out = perturb_rows(data, ~IS_TRAIN, ["x", "y"])
+    out = perturb_rows(data, ~_is_train(), ["x", "y"])
     rng = np.random.default_rng(0)
     noise = {c: rng.normal(1e3, 1e2, data.height) for c in ["x", "y"]}
     for c in ["x", "y"]:
         assert out[c].to_list()[:2] == data[c].to_list()[:2]
         assert out[c].to_list()[2:] == noise[c][2:].tolist()
     assert out.select("symbol", "ts").equals(data.select("symbol", "ts"))
-    assert perturb_rows(data, ~IS_TRAIN, ["x"], seed=0).equals(perturb_rows(data, ~IS_TRAIN, ["x"]))
-    assert perturb_rows(data, ~IS_TRAIN, ["x"])["y"].equals(data["y"])  # only the columns named
+    assert perturb_rows(data, ~_is_train(), ["x"], seed=0).equals(
+        perturb_rows(data, ~_is_train(), ["x"])
+    )
+    assert perturb_rows(data, ~_is_train(), ["x"])["y"].equals(data["y"])  # only the columns named
 
 
 def test_a_fit_on_training_rows_only_passes_fit_independence():
     report = check_fit_independence(
-        lambda f: Standardizer.fit(f.head(2), ["x"]), _rows(), IS_TRAIN, ["x"]
+        lambda f: Standardizer.fit(f.head(2), ["x"]), _rows(), _is_train(), ["x"]
     )
     assert report.rule == "fit_independence(fit depends on training rows only)"
     assert (report.passed, report.checked) == (True, 5)
@@ -509,7 +525,7 @@ def test_a_fit_on_training_rows_only_passes_fit_independence():
 def test_a_fit_on_all_rows_fails_naming_the_non_training_rows_and_the_changed_means(with_split):
     data = _rows(with_split)
     report = check_fit_independence(
-        lambda f: Standardizer.fit(f, ["x", "y"]), data, IS_TRAIN, ["x"], name="scaler"
+        lambda f: Standardizer.fit(f, ["x", "y"]), data, _is_train(), ["x"], name="scaler"
     )
     assert report.rule == "fit_independence(scaler depends on training rows only)"
     assert (report.passed, report.checked) == (False, 5)
