@@ -359,8 +359,11 @@ def test_garch_recovers_persistence_and_tracks_the_true_conditional_sigma():
     returns = 100 * np.diff(np.log(close))  # r, as the forecaster derives it from the closes
     pooled_returns = np.concatenate([returns[:n_fit], returns[n_fit - 100 : n_fit]])
     pooled = arch_model(pooled_returns, vol="GARCH", p=1, q=1, dist="t", rescale=False)
+    # the same likelihood maximized twice: equal to the optimizer's tolerance (SLSQP stops at a
+    # relative change of about 1e-6 in the likelihood, which moves the parameters by ~1e-5; a
+    # fit of NEW's 100 returns alone differs by 30% or more in every parameter)
     np.testing.assert_allclose(
-        model.params["NEW"], pooled.fit(disp="off").params.to_numpy(), rtol=1e-6
+        model.params["NEW"], pooled.fit(disp="off").params.to_numpy(), rtol=1e-4
     )
 
     pred = model.predict(data)
