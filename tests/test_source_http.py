@@ -130,12 +130,13 @@ def test_a_retried_status_logs_and_fails_with_the_key_masked(
     show the URL with the key masked, even when the error body echoes the key."""
     body = b'{"error": "too many requests for api_key=SECRET123"}'
     http_server.route("/x", Reply(status, body))
-    # a logging configuration run earlier in the session (Dagster's) may have disabled urllib3's
-    # logger; its request lines are what this test reads
+    # libraries imported earlier in the session quieten urllib3 (a level on "urllib3", a
+    # disabled logger); its request lines are what this test reads
     pool = logging.getLogger("urllib3.connectionpool")
     monkeypatch.setattr(pool, "disabled", False)
     monkeypatch.setattr(pool, "propagate", True)
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="urllib3.connectionpool")
     with pytest.raises(SourceFetchError) as err:
         get_with_retries(
             f"{http_server.url}/x",
