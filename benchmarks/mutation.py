@@ -81,14 +81,26 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/test_kill.py",
         "tests/test_security.py",
     ],
-    "lake": ["tests/test_lake.py", "tests/test_atomic_rewrite.py", "tests/test_security.py"],
+    "lake": [
+        "tests/test_lake.py",
+        "tests/test_lake_guards.py",
+        "tests/test_lake_write_guards.py",
+        "tests/test_atomic_rewrite.py",
+        "tests/test_security.py",
+    ],
     "artifacts": [
         "tests/test_artifacts.py",
+        "tests/test_artifacts_guards.py",
         "tests/test_atomic_rewrite.py",
         "tests/test_security.py",
     ],
     "http": ["tests/test_source_http.py", "tests/test_security.py"],
-    "trainer": ["tests/test_trainer.py", "tests/test_security.py"],
+    "trainer": [
+        "tests/test_trainer.py",
+        "tests/test_trainer_save_guards.py",
+        "tests/test_trainer_restore_guards.py",
+        "tests/test_security.py",
+    ],
 }
 
 
@@ -274,6 +286,25 @@ def summarize(key: str, seconds: float, returncode: int, run_at: str | None = No
     }
 
 
+_COUNTS = ("killed", "survived", "timeout", "skipped", "suspicious", "not_checked")
+
+
+def _merge_rerun(old: dict, new: dict, names: list[str]) -> dict:
+    """The full run `old` with the re-run of its survivors `names` (`new`, summarized from
+    mutants/, where mutmut leaves every other mutant of the file unchecked when the tests have
+    changed) in place of their old results: the other mutants keep the full run's."""
+    rerun = set(names)
+    merged = {**new, **{k: old[k] for k in _COUNTS}}
+    for s in old["survivors"]:
+        merged[s["status"]] -= 1
+    codes = json.loads((ROOT / "mutants" / f"{old['file']}.meta").read_text())["exit_code_by_key"]
+    for name in names:
+        merged[_status(codes.get(name))] += 1
+    merged["survivors"] = [s for s in new["survivors"] if s["mutant"] in rerun]
+    merged["complete"] = new["mutmut_exit_code"] == 0 and merged["not_checked"] == 0
+    return merged
+
+
 def _natural(name: str) -> tuple[str, int]:
     head, _, n = name.rpartition("__mutmut_")
     return head, int(n) if n.isdigit() else 0
@@ -407,7 +438,7 @@ def main() -> int:
             names = [s["mutant"] for s in old["survivors"]]
             if not names:
                 continue
-            new = run_module(key, args.max_children, names)
+            new = _merge_rerun(old, run_module(key, args.max_children, names), names)
             # the figures of the full run stand; the re-run's time is reported beside them
             new["survivors_rerun"] = {
                 "mutants": len(names),

@@ -320,6 +320,13 @@ class Lake:
         for col in (time_column, entity_column):
             if col not in df.columns:
                 raise LakeError(f"Lake table {name!r} needs column {col!r}; it has {df.columns}")
+            if nulls := df[col].null_count():
+                # a null entity would share the folder of the string 'None' (one group silently
+                # overwriting the other), a null time a `year=None` folder no read can parse
+                raise LakeError(
+                    f"Lake table {name!r}: column {col!r} has {nulls} null value(s); every row "
+                    "of a snapshot needs an entity and a time: drop or fill them first"
+                )
         bad = [v for v in df[entity_column].unique().to_list() if not _VALUE.fullmatch(str(v))]
         if bad:
             raise LakeError(f"{entity_column} values {bad} cannot be hive partition values")
