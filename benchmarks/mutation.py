@@ -438,17 +438,23 @@ def main() -> int:
             names = [s["mutant"] for s in old["survivors"]]
             if not names:
                 continue
-            new = _merge_rerun(old, run_module(key, args.max_children, names), names)
-            # the figures of the full run stand; the re-run's time is reported beside them
-            new["survivors_rerun"] = {
-                "mutants": len(names),
-                "seconds": new["seconds"],
-                "cpu_seconds": new["cpu_seconds"],
-                "run_at": new["run_at"],
-            }
-            for k in ("seconds", "cpu_seconds", "run_at", "tests"):
-                new[k] = old.get(k, new[k])
-            results["modules"][key] = new
+            digest = hashlib.sha256((ROOT / MODULES[key][0]).read_bytes()).hexdigest()[:16]
+            if old.get("source_sha256") != digest:
+                # mutant numbers shift with the source: the old names may be other mutants now
+                print(f"== {key}: {MODULES[key][0]} changed since its full run: a full run")
+                results["modules"][key] = run_module(key, args.max_children)
+            else:
+                new = _merge_rerun(old, run_module(key, args.max_children, names), names)
+                # the figures of the full run stand; the re-run's time is reported beside them
+                new["survivors_rerun"] = {
+                    "mutants": len(names),
+                    "seconds": new["seconds"],
+                    "cpu_seconds": new["cpu_seconds"],
+                    "run_at": new["run_at"],
+                }
+                for k in ("seconds", "cpu_seconds", "run_at", "tests"):
+                    new[k] = old.get(k, new[k])
+                results["modules"][key] = new
         else:
             results["modules"][key] = run_module(key, args.max_children)
         results["modules"] = {k: results["modules"][k] for k in MODULES if k in results["modules"]}

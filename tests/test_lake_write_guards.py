@@ -460,8 +460,12 @@ def test_a_null_entity_or_time_is_refused_before_anything_is_written(tmp_path, c
     bad = good.with_columns(
         pl.when(pl.col("symbol") == "ACME").then(None).otherwise(pl.col(column)).alias(column)
     )
-    with pytest.raises(LakeError, match=rf"column '{column}' has 1 null value\(s\).*drop or fill"):
+    with pytest.raises(
+        LakeError,
+        match=rf"column '{column}' has 1 null value\(s\); every row of a snapshot needs an entity and a time: drop or fill them first$",
+    ):
         lake.write_snapshot("features", bad, time_column="ts", version="v2")
+    assert not (tmp_path / "lake" / "features" / "version=v2").exists()  # refused up front
     assert lake.current_version("features") == "v1"
     assert lake.versions("features") == ["v1"]
     assert lake.read("features").sort("ts")["symbol"].to_list() == ["None", "ACME"]
